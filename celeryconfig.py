@@ -1,0 +1,28 @@
+"""Celery settings for the example, read from the environment (see ``webapp.config``)."""
+
+from outbox import OutboxSettings
+from outbox.contrib.celery import SWEEP_QUEUE, SWEEP_TASK_NAME, sweep_schedule
+from webapp import config
+
+broker_url = config.broker_url()
+broker_transport_options = config.broker_transport_options()
+broker_connection_retry_on_startup = True
+result_backend = config.result_backend()
+
+# JSON only, on every path: a pickle payload is code execution for whoever can publish.
+task_serializer = "json"
+result_serializer = "json"
+event_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+timezone = "UTC"
+enable_utc = True
+result_expires = 24 * 3600
+
+# Workers consume both queues: `celery -A tasks worker -Q celery,outbox`.
+task_default_queue = "celery"
+task_routes = {SWEEP_TASK_NAME: {"queue": SWEEP_QUEUE}}
+
+beat_schedule = sweep_schedule(OutboxSettings.from_mapping(config.outbox_settings()))
+beat_schedule_filename = str(config.var_dir() / "celerybeat-schedule")

@@ -1,0 +1,64 @@
+"""The beat-scheduled sweep: a Celery task that drains due outbox rows.
+
+The sweep runs on its own queue (``outbox`` by default) so that it never waits behind a
+backlog of business tasks: if it did, every task enqueued through the outbox would be
+delayed by that backlog too. Workers must consume that queue (``-Q celery,outbox``);
+any worker can, since a sweep only needs the database and the broker.
+
+Sweeps never pile up: each one expires after one interval, so sweeps queued while no
+worker was running are discarded instead of all running at once on restart. Overlapping
+sweeps are safe because the relay claims rows with ``SKIP LOCKED``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task
+
+from outbox.relay import Relay
+from outbox.settings import OutboxSettings
+
+SWEEP_TASK_NAME = "outbox.sweep"
+SWEEP_QUEUE = "outbox"
+
+
+def register_sweep_task(
+    celery_app: Celery, relay: Callable[[], Relay], *, name: str = SWEEP_TASK_NAME
+) -> Task[[], dict[str, Any]]:
+    """Register the sweep task on ``celery_app``; ``relay`` returns the relay to drain with.
+
+    ``relay`` is called inside the worker at run time, not at import, so it can build the
+    relay from an application that only exists in the worker process.
+    """
+
+    @celery_app.task(name=name, ignore_result=True, shared=False)
+    def sweep() -> dict[str, Any]:
+        result = relay().drain()
+        return {
+            "batches": result.batches,
+            "published": result.published,
+            "failed": result.failed,
+            "dead": result.dead,
+            "broker_unavailable": result.broker_unavailable,
+        }
+
+    return sweep
+
+
+def sweep_schedule(
+    settings: OutboxSettings | None = None,
+    *,
+    name: str = SWEEP_TASK_NAME,
+    queue: str = SWEEP_QUEUE,
+) -> dict[str, dict[str, Any]]:
+    """A ``beat_schedule`` entry that runs the sweep every ``settings.sweep_interval``."""
+    interval = (settings or OutboxSettings()).sweep_interval
+    return {
+        "outbox-sweep": {
+            "task": name,
+            "schedule": interval,
+            "options": {"queue": queue, "expires": interval},
+        }
+    }

@@ -1,0 +1,148 @@
+"""Recording tasks in the caller's transaction instead of publishing them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+from celery import Celery, Task
+from celery.canvas import Signature
+from celery.result import AsyncResult
+from sqlalchemy import insert
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session, scoped_session
+
+from outbox.errors import (
+    MissingSessionError,
+    TaskNotRegisteredError,
+    UnsupportedOptionError,
+)
+from outbox.options import resolve_options
+from outbox.schema import OutboxMessage, OutboxStatus, outbox_table
+from outbox.serialization import to_wire
+
+#: What a task can be enqueued into: the caller's ORM session or Core connection.
+SessionLike: TypeAlias = Session | scoped_session[Session] | Connection
+#: A task object or its registered name.
+TaskRef: TypeAlias = Task[Any, Any] | str
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TaskOutbox:
+    """Enqueue Celery tasks as rows in the caller's database transaction.
+
+    The framework-agnostic core: give it the Celery app the tasks are registered with and,
+    optionally, a function returning the default session (Flask-SQLAlchemy's ``db.session``
+    is what :class:`outbox.flask.Outbox` passes).
+    """
+
+    def __init__(
+        self,
+        celery_app: Celery,
+        *,
+        default_session: Callable[[], SessionLike] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.celery_app = celery_app
+        self._default_session = default_session
+        self._clock = clock
+
+    def delay(self, task: TaskRef, /, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
+        """Outbox form of ``task.delay(*args, **kwargs)``, in the default session.
+
+        The task is invisible until the session's transaction commits and is gone if it
+        rolls back. To use another session, call :meth:`apply_async` with ``session=``.
+        """
+        return self.apply_async(task, args=args, kwargs=kwargs)
+
+    def apply_async(
+        self,
+        task: TaskRef,
+        /,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        session: SessionLike | None = None,
+        **options: Any,
+    ) -> AsyncResult[Any]:
+        """Outbox form of ``task.apply_async(args, kwargs, **options)``.
+
+        Adds one outbox row to ``session`` (the default session when omitted) and returns
+        an :class:`~celery.result.AsyncResult` whose id is the task id the task will be
+        published and run under. Nothing is committed or flushed here: the task is
+        invisible until the caller commits and gone if the caller rolls back. With an ORM
+        session the row is inserted at the caller's next flush; with a Core connection it
+        is inserted at once, inside the connection's open transaction.
+
+        Supported options: ``countdown``, ``eta`` (the row waits in the outbox until due),
+        ``expires``, ``queue``, ``routing_key``, ``priority``, ``headers``,
+        ``time_limit``, ``soft_time_limit``. Anything else raises
+        :class:`~outbox.UnsupportedOptionError`. Arguments must serialize with Celery's
+        JSON serializer (:class:`~outbox.ArgumentNotSerializableError` otherwise).
+        """
+        name = self._registered_name(task)
+        now = self._clock()
+        resolved = resolve_options(options, now)
+        task_id = uuid.uuid4()
+        values: dict[str, Any] = {
+            "task_id": task_id,
+            "task_name": name,
+            "args": to_wire(list(args or ()), where="args"),
+            "kwargs": to_wire(dict(kwargs or {}), where="kwargs"),
+            "options": resolved.publish,
+            "status": OutboxStatus.PENDING,
+            "attempts": 0,
+            "created_at": now,
+            "available_at": resolved.available_at,
+        }
+        target = session if session is not None else self._session()
+        if isinstance(target, Connection):
+            target.execute(insert(outbox_table).values(values))
+        else:
+            target.add(OutboxMessage(**values))
+        return self.celery_app.AsyncResult(str(task_id))
+
+    def enqueue(
+        self, signature: Signature[Any], /, *, session: SessionLike | None = None
+    ) -> AsyncResult[Any]:
+        """Enqueue a Celery signature, e.g. ``task.s(order_id).set(queue="mail")``.
+
+        Same transaction semantics as :meth:`apply_async`: invisible until the caller
+        commits, gone if the caller rolls back. Only single-task signatures are accepted;
+        chains, groups and chords are refused.
+        """
+        if type(signature) is not Signature or signature.subtask_type:
+            raise UnsupportedOptionError(
+                f"{signature!r} is a {type(signature).__name__}: the outbox stores single task "
+                "signatures only. Enqueue each task, or start the workflow from a task."
+            )
+        return self.apply_async(
+            signature.task,
+            args=signature.args,
+            kwargs=signature.kwargs,
+            session=session,
+            **signature.options,
+        )
+
+    def _registered_name(self, task: TaskRef) -> str:
+        name = task if isinstance(task, str) else getattr(task, "name", None)
+        if not isinstance(name, str) or name not in self.celery_app.tasks:
+            raise TaskNotRegisteredError(
+                f"task {name or task!r} is not registered with Celery app "
+                f"{self.celery_app.main!r}: import the module that defines it (or add it to "
+                "the app's `include`) before enqueueing, so the relay and workers know it."
+            )
+        return name
+
+    def _session(self) -> SessionLike:
+        if self._default_session is None:
+            raise MissingSessionError(
+                "no session= was given and this TaskOutbox has no default_session: pass the "
+                "SQLAlchemy Session or Connection whose transaction the task belongs to."
+            )
+        return self._default_session()

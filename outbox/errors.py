@@ -1,0 +1,39 @@
+"""Every error the outbox raises derives from :class:`OutboxError`.
+
+Each subclass's docstring is its default message; raise sites add the offending value and
+what to do about it, because the person reading the traceback is usually mid-request and
+needs the fix, not the taxonomy.
+"""
+
+from __future__ import annotations
+
+
+class OutboxError(Exception):
+    """The task outbox refused an operation."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (type(self).__doc__ or "").strip())
+
+
+class TaskNotRegisteredError(OutboxError):
+    """The task is not registered with the Celery app, so no worker could run it."""
+
+
+class ArgumentNotSerializableError(OutboxError):
+    """An argument cannot be serialized with Celery's JSON serializer."""
+
+
+class UnsupportedOptionError(OutboxError):
+    """An ``apply_async`` option cannot be honoured by the outbox."""
+
+
+class InvalidOptionError(OutboxError):
+    """An ``apply_async`` option has a value the outbox cannot use."""
+
+
+class MissingSessionError(OutboxError):
+    """No database session was given and the outbox has no default session."""
+
+
+class InvalidSettingError(OutboxError):
+    """An outbox setting has a value outside its allowed range."""

@@ -1,0 +1,202 @@
+"""Publishing committed outbox rows to the broker.
+
+One batch is one database transaction: claim due pending rows (``FOR UPDATE SKIP LOCKED``
+on PostgreSQL, so concurrent relays take disjoint rows and never wait on each other),
+publish each with its stored task id, mark the batch, commit. A relay that dies after
+publishing and before committing leaves the rows pending; they are published again
+under the same task ids, which is what lets consumers deduplicate.
+
+Rows are selected by status and due time, never by "ids above the last one seen": ids
+are assigned at INSERT but become visible at COMMIT, so a high-water mark would skip a
+row whose transaction committed after a later one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import OperationalError as BrokerUnavailable
+from sqlalchemy import Row, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from outbox.enqueue import utcnow
+from outbox.schema import OutboxStatus, outbox_table
+from outbox.serialization import from_wire
+from outbox.settings import OutboxSettings
+
+logger = logging.getLogger(__name__)
+
+_t = outbox_table.c
+_CLAIM_COLUMNS = (_t.id, _t.task_id, _t.task_name, _t.args, _t.kwargs, _t.options, _t.attempts)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What one relay batch did."""
+
+    claimed: int = 0
+    published: int = 0
+    #: Rows whose publish failed on their own; they were rescheduled or marked dead.
+    failed: int = 0
+    #: Of ``failed``, the rows that reached ``max_attempts`` and are now dead.
+    dead: int = 0
+    #: The broker could not be reached; unpublished rows stay pending, uncounted.
+    broker_unavailable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DrainResult:
+    """What a drain (several batches) did."""
+
+    batches: int
+    published: int
+    failed: int
+    dead: int
+    broker_unavailable: bool
+
+
+class Relay:
+    """Moves due pending rows from the outbox table to the broker.
+
+    Stateless between calls: the beat sweep, a long-running relay process and a test can
+    all hold one, and several can run at once against the same table.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        celery_app: Celery,
+        settings: OutboxSettings | None = None,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.celery_app = celery_app
+        self.settings = settings or OutboxSettings()
+        self._clock = clock
+
+    def run_once(self) -> BatchResult:
+        """Claim, publish and mark at most one batch of due rows, in one transaction."""
+        with self.engine.connect() as conn, conn.begin():
+            rows = self._claim(conn)
+            if not rows:
+                return BatchResult()
+            published, failures, broker_unavailable = self._publish(rows)
+            now = self._clock()
+            if published:
+                conn.execute(
+                    update(outbox_table)
+                    .where(_t.id.in_(published))
+                    .values(
+                        status=OutboxStatus.DISPATCHED,
+                        dispatched_at=now,
+                        attempts=_t.attempts + 1,
+                        last_error=None,
+                    )
+                )
+            dead = sum(self._record_failure(conn, row, error, now) for row, error in failures)
+        return BatchResult(
+            claimed=len(rows),
+            published=len(published),
+            failed=len(failures),
+            dead=dead,
+            broker_unavailable=broker_unavailable,
+        )
+
+    def drain(self, max_seconds: float | None = None) -> DrainResult:
+        """Run batches until no due row is left, the broker is down, or time is up."""
+        deadline = time.monotonic() + (max_seconds or self.settings.sweep_max_seconds)
+        batches = published = failed = dead = 0
+        while True:
+            result = self.run_once()
+            batches += 1
+            published += result.published
+            failed += result.failed
+            dead += result.dead
+            if (
+                result.broker_unavailable
+                or result.claimed < self.settings.batch_size
+                or time.monotonic() >= deadline
+            ):
+                return DrainResult(batches, published, failed, dead, result.broker_unavailable)
+
+    def _claim(self, conn: Connection) -> Sequence[Row[Any]]:
+        if conn.dialect.name == "sqlite":
+            # SQLite has no row locks: take the database write lock before reading so two
+            # relays cannot claim the same rows.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        query = (
+            select(*_CLAIM_COLUMNS)
+            .where(_t.status == OutboxStatus.PENDING, _t.available_at <= self._clock())
+            # The same order as the partial index, so the scan stops after batch_size rows.
+            .order_by(_t.available_at, _t.id)
+            .limit(self.settings.batch_size)
+            .with_for_update(skip_locked=True, of=outbox_table)
+        )
+        return conn.execute(query).all()
+
+    def _publish(
+        self, rows: Sequence[Row[Any]]
+    ) -> tuple[list[int], list[tuple[Row[Any], str]], bool]:
+        published: list[int] = []
+        failures: list[tuple[Row[Any], str]] = []
+        with self.celery_app.producer_or_acquire() as producer:
+            for row in rows:
+                task = self.celery_app.tasks.get(row.task_name)
+                if task is None:
+                    failures.append(
+                        (row, f"task {row.task_name!r} is not registered with the relay's app")
+                    )
+                    continue
+                try:
+                    task.apply_async(
+                        args=from_wire(row.args),
+                        kwargs=from_wire(row.kwargs),
+                        task_id=str(row.task_id),
+                        producer=producer,
+                        **from_wire(row.options),
+                    )
+                except BrokerUnavailable as e:
+                    logger.warning(
+                        "broker unavailable, %d of %d rows left pending: %s",
+                        len(rows) - len(published) - len(failures),
+                        len(rows),
+                        e,
+                    )
+                    return published, failures, True
+                except Exception as e:
+                    logger.exception("publishing outbox row %s (%s) failed", row.id, row.task_id)
+                    failures.append((row, f"{type(e).__name__}: {e}"))
+                else:
+                    published.append(row.id)
+        return published, failures, False
+
+    def _record_failure(self, conn: Connection, row: Row[Any], error: str, now: datetime) -> bool:
+        """Reschedule a row whose publish failed on its own; return whether it is now dead."""
+        attempts = row.attempts + 1
+        is_dead = attempts >= self.settings.max_attempts
+        conn.execute(
+            update(outbox_table)
+            .where(_t.id == row.id)
+            .values(
+                attempts=attempts,
+                last_error=error[:2000],
+                available_at=now + timedelta(seconds=self._backoff(attempts)),
+                status=OutboxStatus.DEAD if is_dead else OutboxStatus.PENDING,
+            )
+        )
+        return is_dead
+
+    def _backoff(self, attempts: int) -> float:
+        """Exponential backoff with full jitter, so rows that failed together spread out."""
+        ceiling = min(
+            self.settings.retry_backoff_max, self.settings.retry_backoff * 2 ** (attempts - 1)
+        )
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security

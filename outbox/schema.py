@@ -1,0 +1,145 @@
+"""The outbox table: one row per task the application intends to run.
+
+The table lives on its own :class:`~sqlalchemy.MetaData` so an application can create it
+next to its own tables (``create_tables``) or, later, through migrations, without the
+library needing to know the application's declarative base.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Enum,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    Uuid,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import JSON
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class OutboxStatus(enum.StrEnum):
+    """Where a row is in its life. Stored as text so new states need no type migration."""
+
+    PENDING = "pending"
+    DISPATCHED = "dispatched"
+    DEAD = "dead"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend.
+
+    SQLite has no time zone type and hands back naive values; normalising here means
+    the rest of the library only ever compares aware datetimes.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+#: JSONB on PostgreSQL (indexable, compact), JSON text elsewhere.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+#: SQLite only auto-increments INTEGER PRIMARY KEY, not BIGINT.
+BigIntegerPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class OutboxMessage(Base):
+    """A task recorded in the caller's transaction, waiting to be (or already) published.
+
+    ``args``, ``kwargs`` and ``options`` hold the JSON that Celery's serializer produced at
+    enqueue time (kombu's tagged form for datetimes, UUIDs and decimals), so what the relay
+    publishes is exactly what was validated.
+    """
+
+    __tablename__ = "celery_outbox"
+
+    id: Mapped[int] = mapped_column(BigIntegerPK, primary_key=True, autoincrement=True)
+    task_id: Mapped[uuid.UUID] = mapped_column(Uuid(), unique=True, nullable=False)
+    task_name: Mapped[str] = mapped_column(String(255), nullable=False)
+    args: Mapped[list[Any]] = mapped_column(JSONType, nullable=False)
+    kwargs: Mapped[dict[str, Any]] = mapped_column(JSONType, nullable=False)
+    options: Mapped[dict[str, Any]] = mapped_column(JSONType, nullable=False)
+    status: Mapped[OutboxStatus] = mapped_column(
+        Enum(
+            OutboxStatus,
+            native_enum=False,
+            create_constraint=False,
+            length=16,
+            values_callable=lambda statuses: [s.value for s in statuses],
+        ),
+        nullable=False,
+        default=OutboxStatus.PENDING,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    available_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # The relay's claim query walks this index in order and stops at the first row
+        # that is not due yet: only pending rows are in it, so millions of dispatched
+        # rows cost nothing.
+        Index(
+            "ix_celery_outbox_pending_due",
+            "available_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+    )
+
+    def __repr__(self) -> str:
+        return (
+            f"<OutboxMessage id={self.id} task_id={self.task_id} "
+            f"task_name={self.task_name!r} status={self.status}>"
+        )
+
+
+outbox_table = OutboxMessage.__table__
+
+
+def create_tables(bind: Engine | Connection) -> None:
+    """Create the outbox table and its indexes if they do not exist (idempotent)."""
+    metadata.create_all(bind, checkfirst=True)

@@ -1,0 +1,62 @@
+"""Arguments are checked with the exact serializer Celery will use to publish them.
+
+Storing the serialized JSON (kombu's tagged form for datetimes, UUIDs and decimals)
+instead of the Python objects means an argument that cannot be published is refused
+before the caller commits, not discovered by the relay after the fact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kombu.utils.json import dumps as kombu_dumps
+from kombu.utils.json import loads as kombu_loads
+
+from outbox.errors import ArgumentNotSerializableError
+
+
+def to_wire(value: Any, *, where: str) -> Any:
+    """Return ``value`` as the plain JSON data Celery's serializer would publish.
+
+    ``where`` names the value in the error (``"args"``, ``"kwargs"``, ``"headers"``).
+    """
+    try:
+        # NaN and Infinity are not JSON: PostgreSQL's JSONB would refuse them at commit,
+        # far from the call that put them there.
+        return json.loads(kombu_dumps(value), parse_constant=_refuse_constant)
+    except (TypeError, ValueError, OverflowError) as e:
+        culprit, path = _find_culprit(value, where)
+        raise ArgumentNotSerializableError(
+            f"{path}={culprit!r} ({type(culprit).__name__}) cannot be serialized with Celery's "
+            f"JSON serializer: pass JSON types, datetime, date, time, UUID or Decimal instead "
+            f"(e.g. an id rather than an object)."
+        ) from e
+
+
+def from_wire(value: Any) -> Any:
+    """Turn stored wire JSON back into the Python values the task was enqueued with."""
+    return kombu_loads(json.dumps(value))
+
+
+def _find_culprit(value: Any, path: str) -> tuple[Any, str]:
+    """Descend to the innermost part of ``value`` that does not serialize, for the message."""
+    children: list[tuple[Any, str]] = []
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str | int | float | bool) and key is not None:
+                return key, f"{path} key"
+            children.append((item, f"{path}[{key!r}]"))
+    elif isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
+        children.extend((item, f"{path}[{index}]") for index, item in enumerate(value))
+    for child, child_path in children:
+        try:
+            json.loads(kombu_dumps(child), parse_constant=_refuse_constant)
+        except (TypeError, ValueError, OverflowError):
+            return _find_culprit(child, child_path)
+    return value, path
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")

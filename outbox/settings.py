@@ -1,0 +1,80 @@
+"""One frozen settings object for the outbox, validated when it is built."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from outbox.errors import InvalidSettingError
+
+DEFAULT_BATCH_SIZE = 200
+DEFAULT_SWEEP_INTERVAL = 1.0
+DEFAULT_SWEEP_MAX_SECONDS = 10.0
+DEFAULT_MAX_ATTEMPTS = 10
+DEFAULT_RETRY_BACKOFF = 2.0
+DEFAULT_RETRY_BACKOFF_MAX = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxSettings:
+    """How the relay claims and publishes rows.
+
+    Read from the environment or a framework's config only at the edges
+    (:meth:`from_mapping` takes ``OUTBOX_*`` keys); the library itself never reads
+    ``os.environ``.
+    """
+
+    #: Rows claimed, published and marked per database transaction. Larger batches
+    #: amortise the claim and mark statements; smaller ones hold row locks for less time.
+    batch_size: int = DEFAULT_BATCH_SIZE
+    #: Seconds between two beat sweeps; also how long a queued sweep stays valid, so
+    #: sweeps queued while no worker runs expire instead of piling up.
+    sweep_interval: float = DEFAULT_SWEEP_INTERVAL
+    #: Upper bound on one sweep's run time, so a huge backlog cannot pin a worker
+    #: process: the next sweep continues where this one stopped.
+    sweep_max_seconds: float = DEFAULT_SWEEP_MAX_SECONDS
+    #: Publish attempts a row gets before it is marked ``dead``.
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    #: First retry delay in seconds after a failed publish; doubles per attempt.
+    retry_backoff: float = DEFAULT_RETRY_BACKOFF
+    #: Ceiling on the retry delay in seconds.
+    retry_backoff_max: float = DEFAULT_RETRY_BACKOFF_MAX
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _require(self.sweep_interval > 0, "sweep_interval", self.sweep_interval, "> 0 seconds")
+        _require(
+            self.sweep_max_seconds > 0, "sweep_max_seconds", self.sweep_max_seconds, "> 0 seconds"
+        )
+        _require(self.max_attempts >= 1, "max_attempts", self.max_attempts, "an integer >= 1")
+        _require(self.retry_backoff > 0, "retry_backoff", self.retry_backoff, "> 0 seconds")
+        _require(
+            self.retry_backoff_max >= self.retry_backoff,
+            "retry_backoff_max",
+            self.retry_backoff_max,
+            f"at least retry_backoff ({self.retry_backoff})",
+        )
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any], prefix: str = "OUTBOX_") -> OutboxSettings:
+        """Build settings from ``OUTBOX_BATCH_SIZE``-style keys; absent keys keep defaults."""
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            key = prefix + field.name.upper()
+            if key not in config:
+                continue
+            raw = config[key]
+            kind = int if field.type in ("int", int) else float
+            try:
+                values[field.name] = kind(raw)
+            except (TypeError, ValueError) as e:
+                raise InvalidSettingError(
+                    f"{key}={raw!r} is not a valid {kind.__name__}; set it to a number."
+                ) from e
+        return cls(**values)
+
+
+def _require(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise InvalidSettingError(f"OutboxSettings.{name}={value!r} is invalid: expected {expected}.")

@@ -1,0 +1,64 @@
+"""The example's configuration, read from the environment in this one place.
+
+Without any variable set, everything runs embedded under ``./var``: a SQLite database,
+kombu's filesystem transport as the broker and Celery's file result backend, so the
+demo needs no server. Set ``DATABASE_URL``, ``CELERY_BROKER_URL`` and
+``CELERY_RESULT_BACKEND`` for PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def var_dir() -> Path:
+    """Where the embedded setup keeps its files (``OUTBOX_DEMO_DIR``, default ``./var``)."""
+    return Path(os.environ.get("OUTBOX_DEMO_DIR") or Path.cwd() / "var").resolve()
+
+
+def database_url() -> str:
+    url = os.environ.get("DATABASE_URL") or f"sqlite:///{var_dir() / 'orders.sqlite3'}"
+    # Hosting platforms hand out postgres:// URLs; SQLAlchemy needs the driver named.
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
+def broker_url() -> str:
+    return os.environ.get("CELERY_BROKER_URL") or "filesystem://"
+
+
+def result_backend() -> str:
+    return os.environ.get("CELERY_RESULT_BACKEND") or f"file://{var_dir() / 'results'}"
+
+
+def broker_transport_options() -> dict[str, Any]:
+    """Folders for kombu's filesystem transport; other transports need no options here."""
+    if not broker_url().startswith("filesystem://"):
+        return {}
+    broker_dir = var_dir() / "broker"
+    queue_dir, control_dir = broker_dir / "queue", broker_dir / "control"
+    for folder in (queue_dir, control_dir, var_dir() / "results"):
+        folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(queue_dir),
+        "data_folder_out": str(queue_dir),
+        "control_folder": str(control_dir),
+    }
+
+
+def outbox_settings() -> dict[str, str]:
+    """Every ``OUTBOX_*`` variable, for :meth:`outbox.OutboxSettings.from_mapping`."""
+    return {key: value for key, value in os.environ.items() if key.startswith("OUTBOX_")}
+
+
+def flask_config() -> dict[str, Any]:
+    config: dict[str, Any] = {"SQLALCHEMY_DATABASE_URI": database_url(), **outbox_settings()}
+    if config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        var_dir().mkdir(parents=True, exist_ok=True)
+        # Web, worker and beat share one file: wait for a lock instead of failing at once.
+        config["SQLALCHEMY_ENGINE_OPTIONS"] = {"connect_args": {"timeout": 30}}
+    return config

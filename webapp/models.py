@@ -1,0 +1,62 @@
+"""Orders, and one table per effect a task applies, so "ran exactly once" is countable."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from outbox.schema import UTCDateTime
+from webapp.extensions import db
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class OrderStatus(enum.StrEnum):
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+
+
+class Order(db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_email: Mapped[str] = mapped_column(String(254))
+    items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default=OrderStatus.PENDING.value)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class _Effect:
+    """Columns every effect row has: which order, and which task run applied it."""
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    order_id: Mapped[int] = mapped_column(ForeignKey("orders.id"), index=True)
+    task_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Notification(_Effect, db.Model):  # type: ignore[name-defined,misc]
+    """An email the customer was sent (the demo logs it instead of sending)."""
+
+    __tablename__ = "notifications"
+
+    recipient: Mapped[str] = mapped_column(String(254))
+
+
+class StockReservation(_Effect, db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "stock_reservations"
+
+    items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+
+
+class Shipment(_Effect, db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "shipments"
+
+    status: Mapped[str] = mapped_column(String(16), default="preparing")
