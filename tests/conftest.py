@@ -1,0 +1,67 @@
+"""Session-wide wiring: every test run gets its own PostgreSQL database and Redis DB index.
+
+The environment is set in ``pytest_configure``, before any test module imports
+``webapp`` or ``tasks``, because ``celeryconfig`` reads it once at import. Nothing is
+created here: the integration fixtures create the database on first use, so unit tests
+run without services.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+import redis
+
+PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
+REDIS_SERVER = "redis://127.0.0.1:6379"
+#: DB 0 is the machine's shared default; test runs take one of the others.
+REDIS_TEST_DBS = range(1, 16)
+REDIS_CLAIM_KEY = "celery-outbox:test-run"
+REDIS_CLAIM_SECONDS = 2 * 3600
+
+RUN_ID = uuid.uuid4().hex[:12]
+REDIS_DB = pytest.StashKey[int | None]()
+
+
+def _claim_redis_db() -> int | None:
+    """Take the first Redis DB no other run holds (SET NX), or None if Redis is down."""
+    for index in REDIS_TEST_DBS:
+        try:
+            client = redis.Redis.from_url(f"{REDIS_SERVER}/{index}", socket_timeout=2)
+            if client.set(REDIS_CLAIM_KEY, RUN_ID, nx=True, ex=REDIS_CLAIM_SECONDS):
+                if client.dbsize() == 1:
+                    return index
+                client.delete(REDIS_CLAIM_KEY)
+        except redis.ConnectionError:
+            return None
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    redis_db = _claim_redis_db()
+    config.stash[REDIS_DB] = redis_db
+    os.environ["DATABASE_URL"] = f"{PG_SERVER}/outbox_test_{RUN_ID}"
+    os.environ["CELERY_BROKER_URL"] = f"{REDIS_SERVER}/{redis_db if redis_db is not None else 15}"
+    os.environ["CELERY_RESULT_BACKEND"] = os.environ["CELERY_BROKER_URL"]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    redis_db = config.stash.get(REDIS_DB, None)
+    if redis_db is None:
+        return
+    client = redis.Redis.from_url(f"{REDIS_SERVER}/{redis_db}", socket_timeout=2)
+    if client.get(REDIS_CLAIM_KEY) == RUN_ID.encode():
+        client.flushdb()
+
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by folder, so `-m "not services"` runs what needs no server."""
+    for item in items:
+        parts = item.path.parts
+        if "integration" in parts:
+            item.add_marker(pytest.mark.services)
+        elif "acceptance" in parts:
+            item.add_marker(pytest.mark.acceptance)

@@ -1,0 +1,71 @@
+"""The orders service end to end: HTTP, PostgreSQL, the beat sweep task, Redis, a worker."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from tasks.sweep import sweep
+from tests.integration.conftest import wait_for
+from webapp.extensions import outbox
+
+NEW_ORDER = {"customer_email": "ada@example.com", "items": [{"sku": "BOOK-1", "qty": 2}]}
+ONE_EACH = {"notification": 1, "reservation": 1, "shipment": 1}
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def effects(client: FlaskClient, order_id: int) -> dict[str, int]:
+    body: dict[str, Any] = client.get(f"/orders/{order_id}").json or {}
+    effects: dict[str, int] = body["effects"]
+    return effects
+
+
+def test_confirm_runs_each_task_once_through_the_sweep(
+    client: FlaskClient, app: Flask, worker: str
+) -> None:
+    """create → confirm → the sweep publishes → each of the three effects appears once."""
+    created = client.post("/orders", json=NEW_ORDER)
+    assert 201 == created.status_code
+    order_id = created.json["id"]
+
+    confirmed = client.post(f"/orders/{order_id}/confirm")
+    assert 200 == confirmed.status_code
+    assert {"notification", "reservation", "shipment"} == set(confirmed.json["tasks"])
+
+    sweep.delay()
+    wait_for(lambda: effects(client, order_id) == ONE_EACH, timeout=20)
+
+    again = client.post(f"/orders/{order_id}/confirm")
+    assert 409 == again.status_code
+    assert "conflict" == again.json["error"]
+    status = app.test_cli_runner().invoke(args=["outbox", "status", "--json"])
+    assert {"pending": 0, "dispatched": 3, "dead": 0}.items() <= json.loads(status.output).items()
+    with app.app_context():
+        assert 0 == outbox.relay.drain().published, "the 409 enqueued nothing"
+    assert ONE_EACH == effects(client, order_id)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "error"),
+    [
+        ("post", "/orders", "{oops", 400, "invalid_request"),
+        ("post", "/orders", '{"items": []}', 400, "invalid_request"),
+        ("get", "/orders/987654321", None, 404, "not_found"),
+        ("post", "/orders/987654321/confirm", None, 404, "not_found"),
+    ],
+)
+def test_bad_requests_get_json_errors(
+    client: FlaskClient, method: str, path: str, body: str | None, status: int, error: str
+) -> None:
+    """Bad input on PostgreSQL is a 400/404 JSON body, never a 500."""
+    response = getattr(client, method)(path, data=body, content_type="application/json")
+    assert status == response.status_code
+    assert error == response.json["error"]

@@ -1,0 +1,169 @@
+"""The orders API on SQLite: validation, status codes and what confirming enqueues."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+
+from outbox import OutboxMessage, OutboxStatus
+from webapp import create_app, init_db
+from webapp.extensions import db
+
+NEW_ORDER = {"customer_email": "ada@example.com", "items": [{"sku": "BOOK-1", "qty": 2}]}
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Flask]:
+    app = create_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'orders.sqlite3'}"})
+    with app.app_context():
+        init_db(db.engine)
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def outbox_rows(app: Flask) -> list[OutboxMessage]:
+    with app.app_context():
+        return list(db.session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)))
+
+
+def test_create_order_returns_201_with_a_pending_order(client: FlaskClient) -> None:
+    """POST /orders creates a pending order and returns it."""
+    response = client.post("/orders", json=NEW_ORDER)
+    assert 201 == response.status_code
+    assert "pending" == response.json["status"]
+    assert isinstance(response.json["id"], int)
+
+
+def test_confirm_enqueues_three_tasks_in_the_same_transaction(
+    client: FlaskClient, app: Flask
+) -> None:
+    """Confirming writes the status change and three outbox rows; their ids are returned."""
+    order_id = client.post("/orders", json=NEW_ORDER).json["id"]
+    response = client.post(f"/orders/{order_id}/confirm")
+    assert 200 == response.status_code
+    assert "confirmed" == response.json["status"]
+    rows = outbox_rows(app)
+    assert [
+        "orders.notify_customer",
+        "orders.reserve_stock",
+        "orders.prepare_shipment",
+    ] == [row.task_name for row in rows]
+    assert all(row.args == [order_id] and row.status == OutboxStatus.PENDING for row in rows)
+    assert sorted(response.json["tasks"].values()) == sorted(str(row.task_id) for row in rows)
+
+
+def test_confirming_twice_is_a_conflict_and_enqueues_nothing_more(
+    client: FlaskClient, app: Flask
+) -> None:
+    """The second confirm is a 409 with a JSON body and no second set of tasks."""
+    order_id = client.post("/orders", json=NEW_ORDER).json["id"]
+    client.post(f"/orders/{order_id}/confirm")
+    response = client.post(f"/orders/{order_id}/confirm")
+    assert 409 == response.status_code
+    assert "conflict" == response.json["error"]
+    assert 3 == len(outbox_rows(app))
+
+
+def test_get_order_shows_zero_effects_before_any_task_ran(client: FlaskClient) -> None:
+    """Effects are counted per order, so "ran once" is visible through the API."""
+    order_id = client.post("/orders", json=NEW_ORDER).json["id"]
+    body = client.get(f"/orders/{order_id}").json
+    assert {"notification": 0, "reservation": 0, "shipment": 0} == body["effects"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("get", "/orders/999"),
+        ("post", "/orders/999/confirm"),
+        ("get", f"/orders/{2**64}"),
+    ],
+)
+def test_unknown_order_is_404_json(client: FlaskClient, method: str, path: str) -> None:
+    """Unknown ids, including ones too large for the database, are a JSON 404."""
+    response = getattr(client, method)(path)
+    assert 404 == response.status_code
+    assert "not_found" == response.json["error"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "{not json",
+        "[]",
+        "null",
+        json.dumps({"items": NEW_ORDER["items"]}),
+        json.dumps({**NEW_ORDER, "customer_email": "nobody"}),
+        json.dumps({**NEW_ORDER, "customer_email": 42}),
+        json.dumps({**NEW_ORDER, "items": []}),
+        json.dumps({**NEW_ORDER, "items": "BOOK-1"}),
+        json.dumps({**NEW_ORDER, "items": [{"sku": "BOOK-1"}]}),
+        json.dumps({**NEW_ORDER, "items": [{"sku": "BOOK-1", "qty": 0}]}),
+        json.dumps({**NEW_ORDER, "items": [{"sku": "BOOK-1", "qty": True}]}),
+        json.dumps({**NEW_ORDER, "items": [{"sku": "", "qty": 1}]}),
+        json.dumps({**NEW_ORDER, "items": [["BOOK-1", 1]]}),
+    ],
+)
+def test_bad_input_is_400_json_and_creates_nothing(
+    client: FlaskClient, app: Flask, body: str
+) -> None:
+    """Malformed JSON or missing/invalid fields are a 400 with an explanation, never a 500."""
+    response = client.post("/orders", data=body, content_type="application/json")
+    assert 400 == response.status_code
+    assert "invalid_request" == response.json["error"]
+    assert response.json["message"]
+    with app.app_context():
+        assert 0 == db.session.scalar(select(db.func.count()).select_from(db.metadata.tables["orders"]))
+
+
+def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
+    """Even framework errors come back as JSON."""
+    assert "not_found" == client.get("/nope").json["error"]
+    response = client.delete("/orders/1")
+    assert 405 == response.status_code
+    assert "method_not_allowed" == response.json["error"]
+
+
+def test_init_db_is_idempotent(app: Flask) -> None:
+    """Running init-db twice succeeds and keeps the data."""
+    runner = app.test_cli_runner()
+    first = runner.invoke(args=["init-db"])
+    app.test_client().post("/orders", json=NEW_ORDER)
+    second = runner.invoke(args=["init-db"])
+    assert (0, 0) == (first.exit_code, second.exit_code), first.output + second.output
+    assert "tables ready" in second.output
+    assert 200 == app.test_client().get("/orders/1").status_code
+
+
+def test_outbox_status_json_counts_rows(client: FlaskClient, app: Flask) -> None:
+    """`flask outbox status --json` prints the counts and the lag as one JSON object."""
+    order_id = client.post("/orders", json=NEW_ORDER).json["id"]
+    client.post(f"/orders/{order_id}/confirm")
+    result = app.test_cli_runner().invoke(args=["outbox", "status", "--json"])
+    assert 0 == result.exit_code, result.output
+    status: dict[str, Any] = json.loads(result.output)
+    assert {"pending": 3, "due": 3, "dispatched": 0, "dead": 0} == {
+        key: status[key] for key in ("pending", "due", "dispatched", "dead")
+    }
+    assert status["oldest_pending_age_seconds"] >= 0
+
+
+def test_outbox_status_table_is_readable(app: Flask) -> None:
+    """Without --json the status is a table a person can read."""
+    result = app.test_cli_runner().invoke(args=["outbox", "status"])
+    assert 0 == result.exit_code, result.output
+    assert "pending" in result.output
+    assert "oldest due pending row: none" in result.output
