@@ -116,13 +116,13 @@ class TaskOutbox:
         commits, gone if the caller rolls back. Only single-task signatures are accepted;
         chains, groups and chords are refused.
         """
-        if type(signature) is not Signature or signature.subtask_type:
+        if type(signature) is not Signature or signature.subtask_type or not signature.task:
             raise UnsupportedOptionError(
                 f"{signature!r} is a {type(signature).__name__}: the outbox stores single task "
                 "signatures only. Enqueue each task, or start the workflow from a task."
             )
         return self.apply_async(
-            signature.task,
+            str(signature.task),
             args=signature.args,
             kwargs=signature.kwargs,
             session=session,

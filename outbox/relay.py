@@ -16,14 +16,15 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerUnavailable
-from sqlalchemy import Row, select, update
+from sqlalchemy import select, update
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.enqueue import utcnow
@@ -35,6 +36,19 @@ logger = logging.getLogger(__name__)
 
 _t = outbox_table.c
 _CLAIM_COLUMNS = (_t.id, _t.task_id, _t.task_name, _t.args, _t.kwargs, _t.options, _t.attempts)
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    """A claimed row: what the relay needs to publish it and to record a failure."""
+
+    id: int
+    task_id: uuid.UUID
+    task_name: str
+    args: Any
+    kwargs: Any
+    options: Any
+    attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +141,7 @@ class Relay:
             ):
                 return DrainResult(batches, published, failed, dead, result.broker_unavailable)
 
-    def _claim(self, conn: Connection) -> Sequence[Row[Any]]:
+    def _claim(self, conn: Connection) -> list[_Claimed]:
         if conn.dialect.name == "sqlite":
             # SQLite has no row locks: take the database write lock before reading so two
             # relays cannot claim the same rows.
@@ -140,13 +154,11 @@ class Relay:
             .limit(self.settings.batch_size)
             .with_for_update(skip_locked=True, of=outbox_table)
         )
-        return conn.execute(query).all()
+        return [_Claimed(**row._mapping) for row in conn.execute(query)]
 
-    def _publish(
-        self, rows: Sequence[Row[Any]]
-    ) -> tuple[list[int], list[tuple[Row[Any], str]], bool]:
+    def _publish(self, rows: list[_Claimed]) -> tuple[list[int], list[tuple[_Claimed, str]], bool]:
         published: list[int] = []
-        failures: list[tuple[Row[Any], str]] = []
+        failures: list[tuple[_Claimed, str]] = []
         with self.celery_app.producer_or_acquire() as producer:
             for row in rows:
                 task = self.celery_app.tasks.get(row.task_name)
@@ -178,7 +190,7 @@ class Relay:
                     published.append(row.id)
         return published, failures, False
 
-    def _record_failure(self, conn: Connection, row: Row[Any], error: str, now: datetime) -> bool:
+    def _record_failure(self, conn: Connection, row: _Claimed, error: str, now: datetime) -> bool:
         """Reschedule a row whose publish failed on its own; return whether it is now dead."""
         attempts = row.attempts + 1
         is_dead = attempts >= self.settings.max_attempts

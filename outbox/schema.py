@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     Uuid,
@@ -137,7 +138,8 @@ class OutboxMessage(Base):
         )
 
 
-outbox_table = OutboxMessage.__table__
+#: The Core table, for statements that need no ORM objects (the relay's claim and mark).
+outbox_table = cast(Table, OutboxMessage.__table__)
 
 
 def create_tables(bind: Engine | Connection) -> None:

@@ -77,4 +77,6 @@ class OutboxSettings:
 
 def _require(ok: bool, name: str, value: object, expected: str) -> None:
     if not ok:
-        raise InvalidSettingError(f"OutboxSettings.{name}={value!r} is invalid: expected {expected}.")
+        raise InvalidSettingError(
+            f"OutboxSettings.{name}={value!r} is invalid: expected {expected}."
+        )

@@ -56,7 +56,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         client.flushdb()
 
 
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark tests by folder, so `-m "not services"` runs what needs no server."""
     for item in items:

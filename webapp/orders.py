@@ -108,14 +108,18 @@ def _parse_new_order(payload: Any) -> tuple[str, list[dict[str, Any]]]:
     items = payload.get("items")
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS:
         raise ApiError(
-            400, "invalid_request", f"items must be a list of 1 to {MAX_ITEMS} items, got {items!r}."
+            400,
+            "invalid_request",
+            f"items must be a list of 1 to {MAX_ITEMS} items, got {items!r}.",
         )
     parsed = []
     for index, item in enumerate(items):
         sku = item.get("sku") if isinstance(item, dict) else None
         qty = item.get("qty") if isinstance(item, dict) else None
         if not isinstance(sku, str) or not sku.strip() or len(sku) > 64:
-            raise ApiError(400, "invalid_request", f"items[{index}].sku={sku!r} must be a SKU string.")
+            raise ApiError(
+                400, "invalid_request", f"items[{index}].sku={sku!r} must be a SKU string."
+            )
         if isinstance(qty, bool) or not isinstance(qty, int) or not 1 <= qty <= MAX_QTY:
             raise ApiError(
                 400,

@@ -148,7 +148,4 @@ def status_command(as_json: bool) -> None:
     console = Console()
     console.print(table)
     age = stats.oldest_pending_age_seconds
-    console.print(
-        "oldest due pending row: "
-        + ("none" if age is None else f"{age:.1f}s overdue")
-    )
+    console.print("oldest due pending row: " + ("none" if age is None else f"{age:.1f}s overdue"))

@@ -100,9 +100,25 @@ def worker(
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--queues", "celery,outbox",
-             "--concurrency", "2", "--loglevel", "INFO", "--hostname", node,
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tasks",
+                "worker",
+                "--queues",
+                "celery,outbox",
+                "--concurrency",
+                "2",
+                "--loglevel",
+                "INFO",
+                "--hostname",
+                node,
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
             cwd=ROOT,
             env=os.environ.copy(),
             stdout=out,
@@ -110,8 +126,10 @@ def worker(
         )
     try:
         wait_for(
-            lambda: process.poll() is not None
-            or celery_app.control.ping(destination=[node], timeout=0.5),
+            lambda: (
+                process.poll() is not None
+                or celery_app.control.ping(destination=[node], timeout=0.5)
+            ),
             timeout=60,
         )
         if process.poll() is not None:
@@ -131,7 +149,5 @@ def _empty_tables(engine: Engine) -> None:
     """Each test starts with empty tables; ids keep growing so late tasks cannot collide."""
     with engine.begin() as conn:
         conn.execute(
-            text(
-                "TRUNCATE celery_outbox, notifications, stock_reservations, shipments, orders"
-            )
+            text("TRUNCATE celery_outbox, notifications, stock_reservations, shipments, orders")
         )

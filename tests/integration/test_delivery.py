@@ -173,8 +173,9 @@ def test_countdown_task_is_published_when_due_not_before(
     tasks = TaskOutbox(celery_app)
     relay = Relay(engine, celery_app)
     with Session(engine) as session:
-        result = tasks.apply_async("orders.notify_customer", args=(1,), countdown=1.5,
-                                   queue=queue, session=session)
+        result = tasks.apply_async(
+            "orders.notify_customer", args=(1,), countdown=1.5, queue=queue, session=session
+        )
         session.commit()
         due = session.scalars(select(OutboxMessage.available_at)).one()
     try:
@@ -194,8 +195,9 @@ def test_eta_task_is_held_until_its_time(engine: Engine, celery_app: Celery) -> 
     tasks = TaskOutbox(celery_app)
     eta = datetime.now(UTC) + timedelta(hours=1)
     with Session(engine) as session:
-        tasks.apply_async("orders.notify_customer", args=(1,), eta=eta, queue="nobody",
-                          session=session)
+        tasks.apply_async(
+            "orders.notify_customer", args=(1,), eta=eta, queue="nobody", session=session
+        )
         session.commit()
     assert 0 == Relay(engine, celery_app).run_once().claimed
     later = Relay(engine, celery_app, clock=lambda: eta + timedelta(seconds=1))
@@ -206,10 +208,16 @@ def test_eta_task_is_held_until_its_time(engine: Engine, celery_app: Celery) -> 
     ("call", "error"),
     [
         (lambda t, s: t.apply_async("orders.nope", args=(1,), session=s), TaskNotRegisteredError),
-        (lambda t, s: t.apply_async(notify_customer, args=(object(),), session=s),
-         ArgumentNotSerializableError),
-        (lambda t, s: t.apply_async(notify_customer, args=(1,), link=notify_customer.s(),
-                                    session=s), UnsupportedOptionError),
+        (
+            lambda t, s: t.apply_async(notify_customer, args=(object(),), session=s),
+            ArgumentNotSerializableError,
+        ),
+        (
+            lambda t, s: t.apply_async(
+                notify_customer, args=(1,), link=notify_customer.s(), session=s
+            ),
+            UnsupportedOptionError,
+        ),
     ],
     ids=["unregistered", "unserializable", "unsupported-option"],
 )

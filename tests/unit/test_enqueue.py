@@ -104,9 +104,7 @@ def test_workflows_are_refused(tasks: TaskOutbox, session: Session, celery_app: 
     assert not session.new
 
 
-def test_task_name_string_is_accepted_when_registered(
-    tasks: TaskOutbox, session: Session
-) -> None:
+def test_task_name_string_is_accepted_when_registered(tasks: TaskOutbox, session: Session) -> None:
     """A registered task may be named instead of passed."""
     tasks.apply_async("unit.add", args=(1, 2))
     assert 1 == len(session.new)
@@ -117,8 +115,10 @@ def test_task_name_string_is_accepted_when_registered(
     [
         (lambda t, app: t.delay("unit.nope", 1), TaskNotRegisteredError),
         (lambda t, app: t.delay(app.tasks["unit.echo"], {1, 2}), ArgumentNotSerializableError),
-        (lambda t, app: t.apply_async("unit.echo", kwargs={"when": object()}),
-         ArgumentNotSerializableError),
+        (
+            lambda t, app: t.apply_async("unit.echo", kwargs={"when": object()}),
+            ArgumentNotSerializableError,
+        ),
         (lambda t, app: t.apply_async("unit.echo", link="x"), UnsupportedOptionError),
     ],
     ids=["unregistered", "unserializable-arg", "unserializable-kwarg", "unsupported-option"],

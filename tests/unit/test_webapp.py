@@ -126,7 +126,9 @@ def test_bad_input_is_400_json_and_creates_nothing(
     assert "invalid_request" == response.json["error"]
     assert response.json["message"]
     with app.app_context():
-        assert 0 == db.session.scalar(select(db.func.count()).select_from(db.metadata.tables["orders"]))
+        assert 0 == db.session.scalar(
+            select(db.func.count()).select_from(db.metadata.tables["orders"])
+        )
 
 
 def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
