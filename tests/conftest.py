@@ -9,6 +9,8 @@ run without services.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 
 import pytest
@@ -23,6 +25,7 @@ REDIS_CLAIM_SECONDS = 2 * 3600
 
 RUN_ID = uuid.uuid4().hex[:12]
 REDIS_DB = pytest.StashKey[int | None]()
+DEMO_DIR = pytest.StashKey[str]()
 
 
 def _claim_redis_db() -> int | None:
@@ -45,9 +48,14 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["DATABASE_URL"] = f"{PG_SERVER}/outbox_test_{RUN_ID}"
     os.environ["CELERY_BROKER_URL"] = f"{REDIS_SERVER}/{redis_db if redis_db is not None else 15}"
     os.environ["CELERY_RESULT_BACKEND"] = os.environ["CELERY_BROKER_URL"]
+    # Whatever falls back to the embedded default writes here, never into the checkout.
+    demo_dir = tempfile.mkdtemp(prefix="outbox-test-")
+    config.stash[DEMO_DIR] = demo_dir
+    os.environ["OUTBOX_DEMO_DIR"] = demo_dir
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(config.stash.get(DEMO_DIR, ""), ignore_errors=True)
     redis_db = config.stash.get(REDIS_DB, None)
     if redis_db is None:
         return

@@ -51,8 +51,12 @@ def broker_transport_options() -> dict[str, Any]:
 
 
 def outbox_settings() -> dict[str, str]:
-    """Every ``OUTBOX_*`` variable, for :meth:`outbox.OutboxSettings.from_mapping`."""
-    return {key: value for key, value in os.environ.items() if key.startswith("OUTBOX_")}
+    """The ``OUTBOX_*`` variables, for :meth:`outbox.OutboxSettings.from_mapping`."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key.startswith("OUTBOX_") and key != "OUTBOX_DEMO_DIR"
+    }
 
 
 def flask_config() -> dict[str, Any]:
