@@ -4,6 +4,7 @@ Record the task in your own database transaction instead of calling ``.delay()``
 relay publishes it after commit under a task id fixed at enqueue time.
 """
 
+from outbox.dead_letters import retry_dead
 from outbox.enqueue import SessionLike, TaskOutbox
 from outbox.errors import (
     ArgumentNotSerializableError,
@@ -11,9 +12,11 @@ from outbox.errors import (
     InvalidSettingError,
     MissingSessionError,
     OutboxError,
+    PayloadTooLargeError,
     TaskNotRegisteredError,
     UnsupportedOptionError,
 )
+from outbox.idempotency import ProcessedMessage, idempotent
 from outbox.options import SUPPORTED_OPTIONS
 from outbox.relay import BatchResult, DrainResult, Relay
 from outbox.schema import OutboxMessage, OutboxStatus, create_tables, metadata, outbox_table
@@ -33,6 +36,8 @@ __all__ = [
     "OutboxSettings",
     "OutboxStats",
     "OutboxStatus",
+    "PayloadTooLargeError",
+    "ProcessedMessage",
     "Relay",
     "SessionLike",
     "TaskNotRegisteredError",
@@ -40,6 +45,8 @@ __all__ = [
     "UnsupportedOptionError",
     "collect_stats",
     "create_tables",
+    "idempotent",
     "metadata",
     "outbox_table",
+    "retry_dead",
 ]

@@ -16,12 +16,14 @@ from sqlalchemy.orm import Session, scoped_session
 
 from outbox.errors import (
     MissingSessionError,
+    PayloadTooLargeError,
     TaskNotRegisteredError,
     UnsupportedOptionError,
 )
 from outbox.options import resolve_options
 from outbox.schema import OutboxMessage, OutboxStatus, outbox_table
-from outbox.serialization import to_wire
+from outbox.serialization import encode
+from outbox.settings import OutboxSettings
 
 #: What a task can be enqueued into: the caller's ORM session or Core connection.
 SessionLike: TypeAlias = Session | scoped_session[Session] | Connection
@@ -46,9 +48,11 @@ class TaskOutbox:
         celery_app: Celery,
         *,
         default_session: Callable[[], SessionLike] | None = None,
+        settings: OutboxSettings | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.celery_app = celery_app
+        self.settings = settings or OutboxSettings()
         self._default_session = default_session
         self._clock = clock
 
@@ -83,17 +87,26 @@ class TaskOutbox:
         ``expires``, ``queue``, ``routing_key``, ``priority``, ``headers``,
         ``time_limit``, ``soft_time_limit``. Anything else raises
         :class:`~outbox.UnsupportedOptionError`. Arguments must serialize with Celery's
-        JSON serializer (:class:`~outbox.ArgumentNotSerializableError` otherwise).
+        JSON serializer (:class:`~outbox.ArgumentNotSerializableError` otherwise) and fit
+        in ``settings.max_payload_bytes`` (:class:`~outbox.PayloadTooLargeError`).
         """
         name = self._registered_name(task)
         now = self._clock()
         resolved = resolve_options(options, now)
+        wire_args, args_size = encode(list(args or ()), where="args")
+        wire_kwargs, kwargs_size = encode(dict(kwargs or {}), where="kwargs")
+        if args_size + kwargs_size > self.settings.max_payload_bytes:
+            raise PayloadTooLargeError(
+                f"task {name!r}: args and kwargs serialize to {args_size + kwargs_size} bytes, "
+                f"over the {self.settings.max_payload_bytes}-byte limit (OUTBOX_MAX_PAYLOAD_BYTES):"
+                " store large data in the database and pass its id instead."
+            )
         task_id = uuid.uuid4()
         values: dict[str, Any] = {
             "task_id": task_id,
             "task_name": name,
-            "args": to_wire(list(args or ()), where="args"),
-            "kwargs": to_wire(dict(kwargs or {}), where="kwargs"),
+            "args": wire_args,
+            "kwargs": wire_kwargs,
             "options": resolved.publish,
             "status": OutboxStatus.PENDING,
             "attempts": 0,

@@ -23,6 +23,10 @@ class ArgumentNotSerializableError(OutboxError):
     """An argument cannot be serialized with Celery's JSON serializer."""
 
 
+class PayloadTooLargeError(OutboxError):
+    """The task's serialized arguments exceed the configured maximum payload size."""
+
+
 class UnsupportedOptionError(OutboxError):
     """An ``apply_async`` option cannot be honoured by the outbox."""
 

@@ -95,6 +95,9 @@ class Relay:
         self.celery_app = celery_app
         self.settings = settings or OutboxSettings()
         self._clock = clock
+        # When the current broker outage began (monotonic), so it is logged once, not per
+        # row or per sweep.
+        self._outage_started: float | None = None
 
     def run_once(self) -> BatchResult:
         """Claim, publish and mark at most one batch of due rows, in one transaction."""
@@ -176,19 +179,31 @@ class Relay:
                         **from_wire(row.options),
                     )
                 except BrokerUnavailable as e:
-                    logger.warning(
-                        "broker unavailable, %d of %d rows left pending: %s",
-                        len(rows) - len(published) - len(failures),
-                        len(rows),
-                        e,
-                    )
+                    self._broker_down(e)
                     return published, failures, True
                 except Exception as e:
                     logger.exception("publishing outbox row %s (%s) failed", row.id, row.task_id)
                     failures.append((row, f"{type(e).__name__}: {e}"))
                 else:
                     published.append(row.id)
+        self._broker_up()
         return published, failures, False
+
+    def _broker_down(self, error: Exception) -> None:
+        if self._outage_started is None:
+            self._outage_started = time.monotonic()
+            logger.warning(
+                "broker unavailable, rows stay pending and are retried on the next run: %s", error
+            )
+        else:
+            logger.debug("broker still unavailable: %s", error)
+
+    def _broker_up(self) -> None:
+        if self._outage_started is not None:
+            logger.warning(
+                "broker reachable again after %.1fs", time.monotonic() - self._outage_started
+            )
+            self._outage_started = None
 
     def _record_failure(self, conn: Connection, row: _Claimed, error: str, now: datetime) -> bool:
         """Reschedule a row whose publish failed on its own; return whether it is now dead."""

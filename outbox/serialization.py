@@ -22,10 +22,16 @@ def to_wire(value: Any, *, where: str) -> Any:
 
     ``where`` names the value in the error (``"args"``, ``"kwargs"``, ``"headers"``).
     """
+    return encode(value, where=where)[0]
+
+
+def encode(value: Any, *, where: str) -> tuple[Any, int]:
+    """Like :func:`to_wire`, also returning the size of the serialized JSON in bytes."""
     try:
+        text = kombu_dumps(value)
         # NaN and Infinity are not JSON: PostgreSQL's JSONB would refuse them at commit,
         # far from the call that put them there.
-        return json.loads(kombu_dumps(value), parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=_refuse_constant), len(text.encode())
     except (TypeError, ValueError, OverflowError) as e:
         culprit, path = _find_culprit(value, where)
         raise ArgumentNotSerializableError(

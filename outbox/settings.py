@@ -14,6 +14,7 @@ DEFAULT_SWEEP_MAX_SECONDS = 10.0
 DEFAULT_MAX_ATTEMPTS = 10
 DEFAULT_RETRY_BACKOFF = 2.0
 DEFAULT_RETRY_BACKOFF_MAX = 600.0
+DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,9 @@ class OutboxSettings:
     retry_backoff: float = DEFAULT_RETRY_BACKOFF
     #: Ceiling on the retry delay in seconds.
     retry_backoff_max: float = DEFAULT_RETRY_BACKOFF_MAX
+    #: Largest serialized args + kwargs accepted at enqueue. Brokers cap message sizes
+    #: and big payloads belong in the database, referenced by id.
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
@@ -54,6 +58,10 @@ class OutboxSettings:
             "retry_backoff_max",
             self.retry_backoff_max,
             f"at least retry_backoff ({self.retry_backoff})",
+        )
+
+        _require(
+            self.max_payload_bytes >= 1, "max_payload_bytes", self.max_payload_bytes, ">= 1 byte"
         )
 
     @classmethod

@@ -1,7 +1,8 @@
 """What confirming an order sets in motion; the Celery tasks are thin wrappers around these.
 
-Each function records its effect and commits, so the effect tables show how many times
-each step ran.
+Each function records its effect in ``db.session`` and leaves the commit to its caller:
+the idempotent task wrapper commits the effect together with the record that the task
+ran, so a repeated delivery cannot apply it twice.
 """
 
 from __future__ import annotations
@@ -24,19 +25,16 @@ def _order(order_id: int) -> Order:
 def notify_customer(order_id: int, task_id: str) -> None:
     order = _order(order_id)
     db.session.add(Notification(order_id=order.id, task_id=task_id, recipient=order.customer_email))
-    db.session.commit()
     logger.info("order %s: confirmation sent to %s", order.id, order.customer_email)
 
 
 def reserve_stock(order_id: int, task_id: str) -> None:
     order = _order(order_id)
     db.session.add(StockReservation(order_id=order.id, task_id=task_id, items=order.items))
-    db.session.commit()
     logger.info("order %s: stock reserved for %d item(s)", order.id, len(order.items))
 
 
 def prepare_shipment(order_id: int, task_id: str) -> None:
     order = _order(order_id)
     db.session.add(Shipment(order_id=order.id, task_id=task_id))
-    db.session.commit()
     logger.info("order %s: shipment being prepared", order.id)

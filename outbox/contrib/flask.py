@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import click
 from celery import Celery
@@ -16,14 +17,18 @@ from flask.cli import with_appcontext
 from rich.console import Console
 from rich.table import Table
 
+from outbox.dead_letters import retry_dead
 from outbox.enqueue import SessionLike, TaskOutbox, TaskRef, utcnow
 from outbox.errors import OutboxError
+from outbox.idempotency import idempotent
 from outbox.relay import Relay
 from outbox.schema import create_tables
 from outbox.settings import OutboxSettings
 from outbox.stats import collect_stats
 
 EXTENSION_NAME = "outbox"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass
@@ -70,11 +75,12 @@ class Outbox:
                 f"Outbox needs a Celery app, got {celery_app!r}: pass celery=celery_app or set "
                 'app.extensions["celery"].'
             )
+        settings = OutboxSettings.from_mapping(app.config)
         app.extensions[EXTENSION_NAME] = _OutboxState(
             db=db,
             celery_app=celery_app,
-            settings=OutboxSettings.from_mapping(app.config),
-            tasks=TaskOutbox(celery_app, default_session=lambda: db.session),
+            settings=settings,
+            tasks=TaskOutbox(celery_app, default_session=lambda: db.session, settings=settings),
         )
         app.cli.add_command(outbox_cli)
 
@@ -118,6 +124,13 @@ class Outbox:
         """Enqueue a signature through the outbox; invisible until commit, gone on rollback."""
         return self.state.tasks.enqueue(signature, session=session)
 
+    def idempotent(self, function: Callable[P, R]) -> Callable[P, R | None]:
+        """Decorate a task function so its ``db.session`` effects apply once per task id.
+
+        See :func:`outbox.idempotent`; the wrapped function must not commit.
+        """
+        return idempotent(lambda: self.state.db.session)(function)
+
     def create_tables(self) -> None:
         """Create the outbox table in the app's database if it does not exist."""
         create_tables(self.state.db.engine)
@@ -126,6 +139,35 @@ class Outbox:
 @click.group("outbox")
 def outbox_cli() -> None:
     """Inspect and operate the task outbox."""
+
+
+@outbox_cli.command("retry-dead")
+@click.option("--task-name", help="Only dead rows of this task.")
+@click.option(
+    "--id",
+    "row_ids",
+    multiple=True,
+    help="A row id or task id to revive; repeat for several.",
+)
+@with_appcontext
+def retry_dead_command(task_name: str | None, row_ids: tuple[str, ...]) -> None:
+    """Put dead rows back to pending with attempts reset; they keep their task ids."""
+    ids: list[int] = []
+    task_ids: list[uuid.UUID] = []
+    for raw in row_ids:
+        if raw.isdigit():
+            ids.append(int(raw))
+            continue
+        try:
+            task_ids.append(uuid.UUID(raw))
+        except ValueError as e:
+            raise click.BadParameter(
+                f"{raw!r} is neither a row id nor a task id (UUID).", param_hint="--id"
+            ) from e
+    state: _OutboxState = current_app.extensions[EXTENSION_NAME]
+    with state.db.engine.begin() as conn:
+        revived = retry_dead(conn, utcnow(), task_name=task_name, ids=ids, task_ids=task_ids)
+    click.echo(f"{revived} dead row(s) back to pending")
 
 
 @outbox_cli.command("status")

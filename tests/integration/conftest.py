@@ -149,5 +149,8 @@ def _empty_tables(engine: Engine) -> None:
     """Each test starts with empty tables; ids keep growing so late tasks cannot collide."""
     with engine.begin() as conn:
         conn.execute(
-            text("TRUNCATE celery_outbox, notifications, stock_reservations, shipments, orders")
+            text(
+                "TRUNCATE celery_outbox, celery_outbox_processed, notifications, "
+                "stock_reservations, shipments, orders"
+            )
         )

@@ -15,7 +15,9 @@ from outbox import (
     ArgumentNotSerializableError,
     MissingSessionError,
     OutboxMessage,
+    OutboxSettings,
     OutboxStatus,
+    PayloadTooLargeError,
     TaskNotRegisteredError,
     TaskOutbox,
     UnsupportedOptionError,
@@ -160,3 +162,17 @@ def test_without_a_session_the_error_says_to_pass_one(celery_app: Celery) -> Non
     """A TaskOutbox without default session refuses to guess."""
     with pytest.raises(MissingSessionError, match="session="):
         TaskOutbox(celery_app).delay("unit.add", 1, 2)
+
+
+def test_payload_over_the_limit_is_refused_before_commit(
+    celery_app: Celery, session: Session, engine: Engine
+) -> None:
+    """Args larger than max_payload_bytes raise PayloadTooLargeError naming the size."""
+    tasks = TaskOutbox(
+        celery_app, default_session=lambda: session, settings=OutboxSettings(max_payload_bytes=100)
+    )
+    tasks.delay("unit.echo", "x" * 50)
+    with pytest.raises(PayloadTooLargeError, match=r"over the 100-byte limit"):
+        tasks.delay("unit.echo", "x" * 100)
+    session.commit()
+    assert 1 == count_rows(engine)

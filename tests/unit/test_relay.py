@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import timedelta
 
+import pytest
 from celery import Celery
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -180,3 +182,30 @@ def test_rows_committed_out_of_id_order_are_all_published(
             )
         )
     assert 1 == relay.run_once().published
+
+
+def test_an_outage_is_logged_once_and_its_end_once(
+    tasks: TaskOutbox,
+    session: Session,
+    engine: Engine,
+    clock: FakeClock,
+    celery_app: Celery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Repeated runs during one outage log one warning, and recovery logs one more."""
+    for i in range(3):
+        tasks.delay("unit.add", i, i)
+    session.commit()
+    down = Celery("down", broker="redis://127.0.0.1:9/0", set_as_current=False)
+    down.conf.update(task_publish_retry=False, broker_connection_timeout=1)
+    down.task(name="unit.add", shared=False)(_add)
+    relay = Relay(engine, down, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="outbox.relay"):
+        for _ in range(3):
+            assert relay.run_once().broker_unavailable
+        relay.celery_app = celery_app  # the broker is back
+        assert 3 == relay.run_once().published
+    messages = [record.getMessage() for record in caplog.records]
+    assert 2 == len(messages), messages
+    assert messages[0].startswith("broker unavailable")
+    assert messages[1].startswith("broker reachable again")
