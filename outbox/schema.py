@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     DateTime,
     Enum,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     Uuid,
+    event,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -140,6 +142,32 @@ class OutboxMessage(Base):
 
 #: The Core table, for statements that need no ORM objects (the relay's claim and mark).
 outbox_table = cast(Table, OutboxMessage.__table__)
+
+
+#: The channel a committed enqueue notifies on PostgreSQL (see ``relay_loop``).
+NOTIFY_CHANNEL = "celery_outbox"
+
+# One NOTIFY per INSERT statement, sent by PostgreSQL only when the inserting transaction
+# commits (and merged with identical notifications of that transaction). The enqueue path
+# pays no extra round trip, and a rolled-back enqueue wakes nobody.
+_notify_function = DDL(  # type: ignore[no-untyped-call]
+    f"""
+    CREATE OR REPLACE FUNCTION celery_outbox_notify() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+        RETURN NULL;
+    END $$
+    """
+).execute_if(dialect="postgresql")
+_notify_trigger = DDL(  # type: ignore[no-untyped-call]
+    """
+    CREATE TRIGGER celery_outbox_notify AFTER INSERT ON celery_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION celery_outbox_notify()
+    """
+).execute_if(dialect="postgresql")
+event.listen(outbox_table, "after_create", _notify_function)
+event.listen(outbox_table, "after_create", _notify_trigger)
 
 
 def create_tables(bind: Engine | Connection) -> None:

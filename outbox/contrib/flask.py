@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import click
@@ -21,12 +24,14 @@ from outbox.dead_letters import retry_dead
 from outbox.enqueue import SessionLike, TaskOutbox, TaskRef, utcnow
 from outbox.errors import OutboxError
 from outbox.idempotency import idempotent
-from outbox.relay import Relay
+from outbox.relay import DrainResult, Relay
+from outbox.relay_loop import DEFAULT_POLL_INTERVAL, RelayLoop
 from outbox.schema import create_tables
 from outbox.settings import OutboxSettings
 from outbox.stats import collect_stats
 
 EXTENSION_NAME = "outbox"
+logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -139,6 +144,53 @@ class Outbox:
 @click.group("outbox")
 def outbox_cli() -> None:
     """Inspect and operate the task outbox."""
+
+
+@outbox_cli.command("relay")
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.01),
+    default=DEFAULT_POLL_INTERVAL,
+    show_default=True,
+    help="Seconds between polls when no notification arrives.",
+)
+@click.option(
+    "--heartbeat",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A file touched after every drain, for liveness probes (its age is the loop's).",
+)
+@with_appcontext
+def relay_command(poll_interval: float, heartbeat: Path | None) -> None:
+    """Publish committed tasks as they commit (LISTEN/NOTIFY on PostgreSQL), until SIGTERM."""
+    state: _OutboxState = current_app.extensions[EXTENSION_NAME]
+
+    def on_drain(result: DrainResult) -> None:
+        if heartbeat is not None:
+            heartbeat.touch()
+        if result.published or result.failed:
+            logger.info(
+                "relay: published %d, failed %d (dead %d)",
+                result.published,
+                result.failed,
+                result.dead,
+            )
+
+    loop = RelayLoop(state.relay, poll_interval=poll_interval)
+
+    def stop(signum: int, _frame: object) -> None:
+        click.echo(f"relay: {signal.Signals(signum).name} received, finishing the current batch")
+        loop.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    engine = state.relay.engine
+    mode = "LISTEN/NOTIFY" if engine.dialect.name == "postgresql" else "polling"
+    click.echo(
+        f"relay: publishing from {engine.url.render_as_string(hide_password=True)} "
+        f"({mode}, poll every {poll_interval}s)"
+    )
+    loop.run(on_drain=on_drain)
+    click.echo("relay: stopped")
 
 
 @outbox_cli.command("retry-dead")

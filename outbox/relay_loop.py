@@ -1,0 +1,155 @@
+"""A long-running relay: drains as soon as an enqueue commits, polls as a safety net.
+
+On PostgreSQL the loop LISTENs on :data:`~outbox.schema.NOTIFY_CHANNEL`; the outbox
+table's trigger notifies when an inserting transaction commits, so a task is published
+within milliseconds of its commit instead of waiting for the next beat sweep. A missed
+notification (the listening connection dropped, a relay restarting) costs at most one
+``poll_interval``. Elsewhere the loop just polls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from outbox.relay import DrainResult, Relay
+from outbox.schema import NOTIFY_CHANNEL
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_POLL_INTERVAL = 1.0
+#: Longest pause after a failed drain (database or broker down); doubles from 0.1 s.
+MAX_ERROR_BACKOFF = 10.0
+
+
+class RelayLoop:
+    """Runs :meth:`Relay.drain` whenever there may be work, until :meth:`stop` is called.
+
+    ``run_once`` drains once (tests drive the loop with it); ``run`` loops; ``stop`` asks
+    the loop to finish the batch in hand and return, which is what SIGTERM should call.
+    """
+
+    def __init__(self, relay: Relay, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval={poll_interval!r} must be > 0 seconds")
+        self.relay = relay
+        self.poll_interval = poll_interval
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def run_once(self) -> DrainResult:
+        return self.relay.drain()
+
+    def run(self, on_drain: Callable[[DrainResult], None] | None = None) -> None:
+        """Loop until stopped: wait for a notification or the poll interval, then drain."""
+        backoff = 0.0
+        with self._listener() as wait:
+            while not self.stopping:
+                try:
+                    result = self.run_once()
+                except (OperationalError, DBAPIError) as e:
+                    backoff = min(MAX_ERROR_BACKOFF, max(0.1, backoff * 2))
+                    logger.warning("relay drain failed, retrying in %.1fs: %s", backoff, e)
+                    self._stopping.wait(backoff)
+                    continue
+                if on_drain is not None:
+                    on_drain(result)
+                if result.broker_unavailable:
+                    backoff = min(MAX_ERROR_BACKOFF, max(0.1, backoff * 2))
+                    self._stopping.wait(backoff)
+                    continue
+                backoff = 0.0
+                if result.batches > 1 and not self.stopping:
+                    # The drain stopped on its time budget with work left: go again at once.
+                    continue
+                wait(self.poll_interval)
+
+    def _listener(self) -> _Listener:
+        if self.relay.engine.dialect.name == "postgresql":
+            return _PostgresListener(self)
+        return _Listener(self)
+
+
+class _Listener:
+    """Waits by sleeping: polling only."""
+
+    def __init__(self, loop: RelayLoop) -> None:
+        self.loop = loop
+
+    def __enter__(self) -> Callable[[float], None]:
+        return self.wait
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def wait(self, timeout: float) -> None:
+        self.loop._stopping.wait(timeout)
+
+
+class _PostgresListener(_Listener):
+    """Waits on LISTEN; reconnects on the next wait if the connection is lost."""
+
+    def __init__(self, loop: RelayLoop) -> None:
+        super().__init__(loop)
+        self._conn: Any = None
+
+    def __enter__(self) -> Callable[[float], None]:
+        # LISTEN before the first drain, so nothing committed in between goes unnoticed.
+        self._connection()
+        return self.wait
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def wait(self, timeout: float) -> None:
+        # Wake up at least every half second so stop() is honoured promptly.
+        step = min(timeout, 0.5)
+        remaining = timeout
+        while remaining > 0 and not self.loop.stopping:
+            conn = self._connection()
+            if conn is None:
+                super().wait(remaining)
+                return
+            try:
+                if any(True for _ in conn.notifies(timeout=step, stop_after=1)):
+                    # Swallow the burst that arrived together; one drain serves them all.
+                    for _ in conn.notifies(timeout=0.001):
+                        pass
+                    return
+            except Exception as e:  # the listening connection broke: poll until it is back
+                logger.warning("LISTEN connection lost, polling until it is back: %s", e)
+                self._close()
+            remaining -= step
+
+    def _connection(self) -> Any:
+        if self._conn is not None:
+            return self._conn
+        try:
+            raw = self.loop.relay.engine.raw_connection()
+            conn: Any = raw.driver_connection
+            # A dedicated connection, detached from the pool: it lives in LISTEN mode.
+            raw.detach()
+            conn.autocommit = True
+            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        except Exception as e:
+            logger.warning("cannot LISTEN on %s, polling instead: %s", NOTIFY_CHANNEL, e)
+            return None
+        self._conn = conn
+        return conn
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
