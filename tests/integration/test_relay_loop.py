@@ -66,7 +66,6 @@ def test_relay_command_runs_until_sigterm(
         "relay",
         "--poll-interval",
         "60",
-        "--heartbeat",
     ]
     process = subprocess.Popen(
         [sys.executable, "-m", *command, "--heartbeat", str(heartbeat)],
@@ -83,7 +82,11 @@ def test_relay_command_runs_until_sigterm(
                 "orders.notify_customer", args=(1,), queue="relay-cli-test", session=session
             )
             session.commit()
-        wait_for(lambda: row_status(engine, result.id) == OutboxStatus.DISPATCHED, timeout=10)
+        dispatched = wait_for(
+            lambda: row_status(engine, result.id) == OutboxStatus.DISPATCHED or process.poll(),
+            timeout=10,
+        )
+        assert dispatched is True, f"the relay exited ({process.poll()})"
         assert time.time() - heartbeat.stat().st_mtime < 10
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=10)
