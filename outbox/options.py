@@ -105,11 +105,21 @@ def _publish_value(name: str, value: Any, now: datetime) -> Any:
     return _seconds(name, value)
 
 
+#: Ten years: longer delays overflow datetime arithmetic and are surely a unit mistake.
+MAX_SECONDS = 10 * 365 * 24 * 3600
+
+
 def _seconds(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidOptionError(f"{name}={value!r} must be a number of seconds.")
+    if not (isinstance(value, int) or math.isfinite(value)):
         raise InvalidOptionError(f"{name}={value!r} must be a number of seconds.")
     if value < 0:
         raise InvalidOptionError(f"{name}={value!r} must not be negative.")
+    if value > MAX_SECONDS:
+        raise InvalidOptionError(
+            f"{name}={value!r} is over ten years: pass seconds (not milliseconds)."
+        )
     return float(value)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerUnavailable
-from sqlalchemy import select, update
+from sqlalchemy import Select, false, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.enqueue import utcnow
@@ -101,7 +101,7 @@ class Relay:
 
     def run_once(self) -> BatchResult:
         """Claim, publish and mark at most one batch of due rows, in one transaction."""
-        with self.engine.connect() as conn, conn.begin():
+        with self._connect() as conn, conn.begin():
             rows = self._claim(conn)
             if not rows:
                 return BatchResult()
@@ -144,12 +144,26 @@ class Relay:
             ):
                 return DrainResult(batches, published, failed, dead, result.broker_unavailable)
 
+    def _connect(self) -> Connection:
+        conn = self.engine.connect()
+        if conn.dialect.name == "postgresql":
+            # Row locks only protect a claim inside a real transaction: an engine configured
+            # for AUTOCOMMIT would drop them before the rows are published.
+            conn = conn.execution_options(isolation_level="READ COMMITTED")
+        return conn
+
     def _claim(self, conn: Connection) -> list[_Claimed]:
         if conn.dialect.name == "sqlite":
             # SQLite has no row locks: take the database write lock before reading so two
-            # relays cannot claim the same rows.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        query = (
+            # relays cannot claim the same rows. A write statement that matches nothing
+            # takes it under any of pysqlite's transaction modes, where an explicit
+            # BEGIN IMMEDIATE would clash with one the application's hooks already began.
+            conn.execute(update(outbox_table).where(false()).values(status=OutboxStatus.PENDING))
+        return [_Claimed(**row._mapping) for row in conn.execute(self.claim_query())]
+
+    def claim_query(self) -> Select[Any]:
+        """The statement that claims one batch (public so its plan can be checked)."""
+        return (
             select(*_CLAIM_COLUMNS)
             .where(_t.status == OutboxStatus.PENDING, _t.available_at <= self._clock())
             # The same order as the partial index, so the scan stops after batch_size rows.
@@ -157,7 +171,6 @@ class Relay:
             .limit(self.settings.batch_size)
             .with_for_update(skip_locked=True, of=outbox_table)
         )
-        return [_Claimed(**row._mapping) for row in conn.execute(query)]
 
     def _publish(self, rows: list[_Claimed]) -> tuple[list[int], list[tuple[_Claimed, str]], bool]:
         published: list[int] = []

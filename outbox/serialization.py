@@ -31,13 +31,19 @@ def encode(value: Any, *, where: str) -> tuple[Any, int]:
         text = kombu_dumps(value)
         # NaN and Infinity are not JSON: PostgreSQL's JSONB would refuse them at commit,
         # far from the call that put them there.
-        return json.loads(text, parse_constant=_refuse_constant), len(text.encode())
+        wire = json.loads(text, parse_constant=_refuse_constant)
+        # Likewise NUL characters and lone surrogates, which JSON text can escape but
+        # JSONB cannot store. The escape only appears in the text when one may be there.
+        if "\\u0000" in text or "\\ud" in text:
+            _refuse_unstorable_strings(wire)
+        return wire, len(text.encode())
     except (TypeError, ValueError, OverflowError) as e:
         culprit, path = _find_culprit(value, where)
         raise ArgumentNotSerializableError(
             f"{path}={culprit!r} ({type(culprit).__name__}) cannot be serialized with Celery's "
-            f"JSON serializer: pass JSON types, datetime, date, time, UUID or Decimal instead "
-            f"(e.g. an id rather than an object)."
+            "JSON serializer and stored: pass JSON types (strings without NUL characters or "
+            "lone surrogates), datetime, date, time, UUID or Decimal instead (e.g. an id "
+            "rather than an object)."
         ) from e
 
 
@@ -53,15 +59,34 @@ def _find_culprit(value: Any, path: str) -> tuple[Any, str]:
         for key, item in value.items():
             if not isinstance(key, str | int | float | bool) and key is not None:
                 return key, f"{path} key"
+            if isinstance(key, str):
+                try:
+                    _refuse_unstorable_strings(key)
+                except ValueError:
+                    return key, f"{path} key"
             children.append((item, f"{path}[{key!r}]"))
     elif isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
         children.extend((item, f"{path}[{index}]") for index, item in enumerate(value))
     for child, child_path in children:
         try:
-            json.loads(kombu_dumps(child), parse_constant=_refuse_constant)
-        except (TypeError, ValueError, OverflowError):
+            encode(child, where=child_path)
+        except ArgumentNotSerializableError:
             return _find_culprit(child, child_path)
     return value, path
+
+
+def _refuse_unstorable_strings(value: Any) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("NUL characters cannot be stored")
+        value.encode("utf-8")  # raises on a lone surrogate
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_unstorable_strings(key)
+            _refuse_unstorable_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_unstorable_strings(item)
 
 
 def _refuse_constant(name: str) -> Any:

@@ -60,9 +60,14 @@ def outbox_settings() -> dict[str, str]:
 
 
 def flask_config() -> dict[str, Any]:
-    config: dict[str, Any] = {"SQLALCHEMY_DATABASE_URI": database_url(), **outbox_settings()}
-    if config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
-        var_dir().mkdir(parents=True, exist_ok=True)
-        # Web, worker and beat share one file: wait for a lock instead of failing at once.
-        config["SQLALCHEMY_ENGINE_OPTIONS"] = {"connect_args": {"timeout": 30}}
-    return config
+    return {"SQLALCHEMY_DATABASE_URI": database_url(), **outbox_settings()}
+
+
+def engine_options(database_uri: str) -> dict[str, Any]:
+    """Engine options for the final database URI (after any test overrides)."""
+    if not database_uri.startswith("sqlite"):
+        return {}
+    if database_uri.startswith("sqlite:///") and ":memory:" not in database_uri:
+        Path(database_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # Web, worker and beat share one file: wait for a lock instead of failing at once.
+    return {"connect_args": {"timeout": 30}}

@@ -23,14 +23,19 @@ bp = Blueprint("orders", __name__)
 
 MAX_ITEMS = 100
 MAX_QTY = 10_000
-#: Larger ids cannot exist (BIGINT) and would overflow the database's integer parameter.
-MAX_ID = 2**63 - 1
+#: Larger ids cannot exist (the id column is a 32-bit INTEGER) and would overflow the
+#: database's integer parameter.
+MAX_ID = 2**31 - 1
 EFFECTS = {"notification": Notification, "reservation": StockReservation, "shipment": Shipment}
 
 
 @bp.post("/orders")
 def create_order() -> tuple[dict[str, Any], int]:
-    email, items = _parse_new_order(request.get_json(force=True, silent=True))
+    try:
+        payload = request.get_json(force=True, silent=True)
+    except RecursionError:  # absurdly deep nesting: not an order either
+        payload = None
+    email, items = _parse_new_order(payload)
     order = Order(customer_email=email, items=items, status=OrderStatus.PENDING.value)
     db.session.add(order)
     db.session.commit()
@@ -44,6 +49,8 @@ def get_order(order_id: int) -> dict[str, Any]:
 
 @bp.post("/orders/<int:order_id>/confirm")
 def confirm_order(order_id: int) -> dict[str, Any]:
+    if order_id > MAX_ID:
+        raise ApiError(404, "not_found", f"order {order_id} does not exist.")
     # A conditional UPDATE is the state check and the lock in one statement: of two
     # concurrent confirmations exactly one sees a row change, so tasks are enqueued once.
     changed = db.session.execute(
@@ -103,7 +110,12 @@ def _parse_new_order(payload: Any) -> tuple[str, list[dict[str, Any]]]:
             '"items": [{"sku": "BOOK-1", "qty": 1}]}.',
         )
     email = payload.get("customer_email")
-    if not isinstance(email, str) or "@" not in email.strip(" @") or len(email) > 254:
+    if (
+        not isinstance(email, str)
+        or "@" not in email.strip(" @")
+        or len(email) > 254
+        or not email.isprintable()
+    ):
         raise ApiError(400, "invalid_request", f"customer_email={email!r} is not an email address.")
     items = payload.get("items")
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS:
@@ -116,7 +128,7 @@ def _parse_new_order(payload: Any) -> tuple[str, list[dict[str, Any]]]:
     for index, item in enumerate(items):
         sku = item.get("sku") if isinstance(item, dict) else None
         qty = item.get("qty") if isinstance(item, dict) else None
-        if not isinstance(sku, str) or not sku.strip() or len(sku) > 64:
+        if not isinstance(sku, str) or not sku.strip() or len(sku) > 64 or not sku.isprintable():
             raise ApiError(
                 400, "invalid_request", f"items[{index}].sku={sku!r} must be a SKU string."
             )

@@ -1,9 +1,10 @@
 """The beat-scheduled sweep: a Celery task that drains due outbox rows.
 
-The sweep runs on its own queue (``outbox`` by default) so that it never waits behind a
-backlog of business tasks: if it did, every task enqueued through the outbox would be
-delayed by that backlog too. Workers must consume that queue (``-Q celery,outbox``);
-any worker can, since a sweep only needs the database and the broker.
+The sweep runs on its own queue (``outbox`` by default) so that it does not queue behind
+a backlog of business tasks: if it did, every task enqueued through the outbox would be
+delayed by that backlog too. Workers must consume that queue (``-Q celery,outbox``). A
+pool busy with long tasks still has no slot for it, so production setups give the queue
+a small worker of its own (``-Q outbox -c 1``) or run the relay process as well.
 
 Sweeps never pile up: each one expires after one interval, so sweeps queued while no
 worker was running are discarded instead of all running at once on restart. Overlapping

@@ -14,7 +14,7 @@ from typing import Any, ParamSpec, TypeVar
 import click
 from celery import Celery
 from celery.canvas import Signature
-from celery.result import AsyncResult
+from celery.result import AsyncResult, _set_task_join_will_block  # type: ignore[attr-defined]
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 from rich.console import Console
@@ -163,6 +163,10 @@ def outbox_cli() -> None:
 def relay_command(poll_interval: float, heartbeat: Path | None) -> None:
     """Publish committed tasks as they commit (LISTEN/NOTIFY on PostgreSQL), until SIGTERM."""
     state: _OutboxState = current_app.extensions[EXTENSION_NAME]
+    # Like a worker, this process never waits for task results: without this, Celery
+    # subscribes it to every published task's result channel (Redis result backend)
+    # and the subscriptions only ever grow.
+    _set_task_join_will_block(True)
 
     def on_drain(result: DrainResult) -> None:
         if heartbeat is not None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import Engine, func, select
 
+from outbox import outbox_table
 from tasks.sweep import sweep
 from tests.integration.conftest import wait_for
 from webapp.extensions import outbox
@@ -60,6 +63,16 @@ def test_confirm_runs_each_task_once_through_the_sweep(
         ("post", "/orders", '{"items": []}', 400, "invalid_request"),
         ("get", "/orders/987654321", None, 404, "not_found"),
         ("post", "/orders/987654321/confirm", None, 404, "not_found"),
+        ("get", f"/orders/{2**31}", None, 404, "not_found"),
+        ("post", f"/orders/{2**31}/confirm", None, 404, "not_found"),
+        ("post", f"/orders/{2**64}/confirm", None, 404, "not_found"),
+        (
+            "post",
+            "/orders",
+            '{"customer_email": "a\\u0000@b.c", "items": [{"sku": "X", "qty": 1}]}',
+            400,
+            "invalid_request",
+        ),
     ],
 )
 def test_bad_requests_get_json_errors(
@@ -69,3 +82,25 @@ def test_bad_requests_get_json_errors(
     response = getattr(client, method)(path, data=body, content_type="application/json")
     assert status == response.status_code
     assert error == response.json["error"]
+
+
+def test_concurrent_confirms_enqueue_one_set_of_tasks(app: Flask, engine: Engine) -> None:
+    """Eight simultaneous confirms of one order: one 200, seven 409, three outbox rows."""
+    order_id = app.test_client().post("/orders", json=NEW_ORDER).json["id"]
+    start = threading.Barrier(8)
+    codes: list[int] = []
+
+    def confirm() -> None:
+        client = app.test_client()
+        start.wait()
+        codes.append(client.post(f"/orders/{order_id}/confirm").status_code)
+
+    threads = [threading.Thread(target=confirm) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [200] + [409] * 7 == sorted(codes)
+    with engine.connect() as conn:
+        rows = conn.execute(select(func.count()).select_from(outbox_table)).scalar_one()
+    assert 3 == rows

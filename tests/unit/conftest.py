@@ -105,7 +105,14 @@ def drain_queue(celery_app: Celery, queue: str = "celery") -> list[dict[str, Any
         simple = conn.SimpleQueue(queue)
         while simple.qsize():
             message = simple.get(timeout=1)
-            messages.append({"headers": message.headers, "body": message.payload})
+            messages.append(
+                {
+                    "headers": message.headers,
+                    "body": message.payload,
+                    "properties": message.properties,
+                    "delivery_info": message.delivery_info,
+                }
+            )
             message.ack()
         simple.close()
     return messages

@@ -79,3 +79,11 @@ def test_bad_option_values_raise_a_specific_error(options: dict[str, object], me
     """Bad values raise InvalidOptionError saying what is expected."""
     with pytest.raises(InvalidOptionError, match=message):
         resolve_options(options, NOW)
+
+
+@pytest.mark.parametrize("name", ["countdown", "expires", "time_limit"])
+@pytest.mark.parametrize("value", [1e12, 10**30])
+def test_absurdly_long_durations_are_an_option_error(name: str, value: float) -> None:
+    """Durations that would overflow datetime raise InvalidOptionError, not OverflowError."""
+    with pytest.raises(InvalidOptionError, match="over ten years"):
+        resolve_options({name: value}, NOW)

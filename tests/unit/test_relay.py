@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from datetime import timedelta
 
 import pytest
 from celery import Celery
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
 from outbox import OutboxMessage, OutboxSettings, OutboxStatus, Relay, TaskOutbox
@@ -69,7 +70,14 @@ def test_stored_options_reach_the_message(
 ) -> None:
     """queue, priority, headers and the absolute expiry are applied at publish time."""
     tasks.apply_async(
-        "unit.add", args=(1, 2), queue="mail", priority=3, headers={"tenant": "acme"}, expires=600
+        "unit.add",
+        args=(1, 2),
+        queue="mail",
+        priority=3,
+        headers={"tenant": "acme"},
+        expires=600,
+        time_limit=30,
+        soft_time_limit=20,
     )
     session.commit()
     clock.advance(30)
@@ -77,6 +85,8 @@ def test_stored_options_reach_the_message(
     assert [] == drain_queue(celery_app, "celery")
     [message] = drain_queue(celery_app, "mail")
     assert "acme" == message["headers"]["tenant"]
+    assert 3 == message["properties"]["priority"]
+    assert [30.0, 20.0] == message["headers"]["timelimit"]
     expected_expiry = clock.now - timedelta(seconds=30) + timedelta(seconds=600)
     assert expected_expiry.isoformat() == message["headers"]["expires"]
 
@@ -209,3 +219,30 @@ def test_an_outage_is_logged_once_and_its_end_once(
     assert 2 == len(messages), messages
     assert messages[0].startswith("broker unavailable")
     assert messages[1].startswith("broker reachable again")
+
+
+def test_concurrent_relays_on_sqlite_publish_each_row_once(
+    tasks: TaskOutbox, session: Session, engine: Engine, celery_app: Celery, clock: FakeClock
+) -> None:
+    """Relays with their own connections to one SQLite file never claim the same row."""
+    expected = {tasks.delay("unit.add", i, i).id for i in range(300)}
+    session.commit()
+    start = threading.Barrier(3)
+    published: list[int] = []
+
+    def run_relay() -> None:
+        own_engine = create_engine(engine.url, connect_args={"timeout": 30})
+        relay = Relay(own_engine, celery_app, OutboxSettings(batch_size=7), clock=clock)
+        start.wait()
+        published.append(relay.drain(max_seconds=60).published)
+        own_engine.dispose()
+
+    threads = [threading.Thread(target=run_relay) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    ids = [message["headers"]["id"] for message in drain_queue(celery_app)]
+    assert 300 == sum(published)
+    assert 300 == len(ids)
+    assert expected == set(ids)

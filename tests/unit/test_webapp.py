@@ -90,6 +90,8 @@ def test_get_order_shows_zero_effects_before_any_task_ran(client: FlaskClient) -
         ("get", "/orders/999"),
         ("post", "/orders/999/confirm"),
         ("get", f"/orders/{2**64}"),
+        ("post", f"/orders/{2**64}/confirm"),
+        ("get", f"/orders/{2**31}"),
     ],
 )
 def test_unknown_order_is_404_json(client: FlaskClient, method: str, path: str) -> None:
@@ -115,6 +117,10 @@ def test_unknown_order_is_404_json(client: FlaskClient, method: str, path: str) 
         json.dumps({**NEW_ORDER, "items": [{"sku": "BOOK-1", "qty": True}]}),
         json.dumps({**NEW_ORDER, "items": [{"sku": "", "qty": 1}]}),
         json.dumps({**NEW_ORDER, "items": [["BOOK-1", 1]]}),
+        json.dumps({**NEW_ORDER, "customer_email": "a\u0000@example.com"}),
+        json.dumps({**NEW_ORDER, "customer_email": "a\ud800@example.com"}),
+        json.dumps({**NEW_ORDER, "items": [{"sku": "BOOK\u0000", "qty": 1}]}),
+        "[" * 100_000 + "]" * 100_000,
     ],
 )
 def test_bad_input_is_400_json_and_creates_nothing(
