@@ -20,6 +20,11 @@ timezone = "UTC"
 enable_utc = True
 result_expires = 24 * 3600
 
+# Events for Flower from the start: "sent" when the relay publishes, then received,
+# started, succeeded/failed from the worker, all under the id fixed at enqueue.
+worker_send_task_events = True
+task_send_sent_event = True
+
 # Workers consume both queues: `celery -A tasks worker -Q celery,outbox`.
 task_default_queue = "celery"
 task_routes = {SWEEP_TASK_NAME: {"queue": SWEEP_QUEUE}}
