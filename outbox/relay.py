@@ -90,11 +90,15 @@ class Relay:
         settings: OutboxSettings | None = None,
         *,
         clock: Callable[[], datetime] = utcnow,
+        after_publish: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.celery_app = celery_app
         self.settings = settings or OutboxSettings()
         self._clock = clock
+        #: Called after each message reaches the broker and before its row is marked:
+        #: the window a crash test aims at.
+        self._after_publish = after_publish
         # When the current broker outage began (monotonic), so it is logged once, not per
         # row or per sweep.
         self._outage_started: float | None = None
@@ -199,6 +203,8 @@ class Relay:
                     failures.append((row, f"{type(e).__name__}: {e}"))
                 else:
                     published.append(row.id)
+                    if self._after_publish is not None:
+                        self._after_publish()
         self._broker_up()
         return published, failures, False
 

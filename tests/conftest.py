@@ -70,5 +70,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         parts = item.path.parts
         if "integration" in parts:
             item.add_marker(pytest.mark.services)
+        elif "chaos" in parts:
+            item.add_marker(pytest.mark.services)
+            item.add_marker(pytest.mark.chaos)
         elif "acceptance" in parts:
             item.add_marker(pytest.mark.acceptance)

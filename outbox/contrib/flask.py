@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +32,9 @@ from outbox.settings import OutboxSettings
 from outbox.stats import collect_stats
 
 EXTENSION_NAME = "outbox"
+#: Config key of the relay command's fault-injection point (see ``_with_crash_point``).
+CRASH_AFTER_PUBLISHES_KEY = "OUTBOX_CRASH_AFTER_PUBLISHES"
+CRASH_EXIT_CODE = 70
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -163,6 +167,7 @@ def outbox_cli() -> None:
 def relay_command(poll_interval: float, heartbeat: Path | None) -> None:
     """Publish committed tasks as they commit (LISTEN/NOTIFY on PostgreSQL), until SIGTERM."""
     state: _OutboxState = current_app.extensions[EXTENSION_NAME]
+    relay = _with_crash_point(state.relay, current_app.config.get(CRASH_AFTER_PUBLISHES_KEY))
     # Like a worker, this process never waits for task results: without this, Celery
     # subscribes it to every published task's result channel (Redis result backend)
     # and the subscriptions only ever grow.
@@ -179,7 +184,7 @@ def relay_command(poll_interval: float, heartbeat: Path | None) -> None:
                 result.dead,
             )
 
-    loop = RelayLoop(state.relay, poll_interval=poll_interval)
+    loop = RelayLoop(relay, poll_interval=poll_interval)
 
     def stop(signum: int, _frame: object) -> None:
         click.echo(f"relay: {signal.Signals(signum).name} received, finishing the current batch")
@@ -187,7 +192,7 @@ def relay_command(poll_interval: float, heartbeat: Path | None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    engine = state.relay.engine
+    engine = relay.engine
     mode = "LISTEN/NOTIFY" if engine.dialect.name == "postgresql" else "polling"
     click.echo(
         f"relay: publishing from {engine.url.render_as_string(hide_password=True)} "
@@ -195,6 +200,28 @@ def relay_command(poll_interval: float, heartbeat: Path | None) -> None:
     )
     loop.run(on_drain=on_drain)
     click.echo("relay: stopped")
+
+
+def _with_crash_point(relay: Relay, crash_after: object) -> Relay:
+    """Arm the fault-injection point: exit hard after N messages are published, unmarked.
+
+    Only for crash tests (``OUTBOX_CRASH_AFTER_PUBLISHES``): the process dies between
+    publishing and committing, exactly the window that makes delivery at-least-once.
+    """
+    if crash_after is None:
+        return relay
+    limit = int(str(crash_after))
+    published = 0
+
+    def count_and_maybe_crash() -> None:
+        nonlocal published
+        published += 1
+        if published >= limit:
+            os._exit(CRASH_EXIT_CODE)
+
+    return Relay(
+        relay.engine, relay.celery_app, relay.settings, after_publish=count_and_maybe_crash
+    )
 
 
 @outbox_cli.command("retry-dead")
