@@ -23,6 +23,8 @@ REDIS_TEST_DBS = range(1, 16)
 REDIS_CLAIM_KEY = "celery-outbox:test-run"
 REDIS_CLAIM_SECONDS = 2 * 3600
 
+pytest_plugins = ["tests.services"]
+
 RUN_ID = uuid.uuid4().hex[:12]
 REDIS_DB = pytest.StashKey[int | None]()
 DEMO_DIR = pytest.StashKey[str]()

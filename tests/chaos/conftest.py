@@ -1,21 +1,6 @@
-"""Chaos tests reuse the integration fixtures: this run's database, Redis DB and worker."""
+import pytest
 
-from tests.integration.conftest import (
-    _empty_tables,
-    app,
-    celery_app,
-    database_url,
-    engine,
-    redis_client,
-    worker,
-)
 
-__all__ = [
-    "_empty_tables",
-    "app",
-    "celery_app",
-    "database_url",
-    "engine",
-    "redis_client",
-    "worker",
-]
+@pytest.fixture(autouse=True)
+def _each_test_starts_empty(empty_tables: None) -> None:
+    """Every chaos test starts with empty tables (see ``tests.services``)."""

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from outbox import OutboxStatus, ProcessedMessage, TaskOutbox, outbox_table
 from outbox.contrib.flask import CRASH_AFTER_PUBLISHES_KEY, CRASH_EXIT_CODE
 from tasks.orders import reserve_stock
-from tests.integration.conftest import ROOT, wait_for
+from tests.services import ROOT, wait_for
 from webapp.models import Order, StockReservation
 
 ORDERS = 100

@@ -26,7 +26,7 @@ from outbox import (
     outbox_table,
 )
 from tasks.orders import notify_customer
-from tests.integration.conftest import wait_for
+from tests.services import wait_for
 from webapp.models import Notification, Order
 
 

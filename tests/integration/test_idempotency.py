@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 
 from outbox import OutboxStatus, ProcessedMessage, Relay, TaskOutbox, outbox_table
 from tasks.orders import reserve_stock
-from tests.integration.conftest import wait_for
 from tests.integration.test_delivery import make_order
+from tests.services import wait_for
 from webapp.models import StockReservation
 
 

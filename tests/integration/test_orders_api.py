@@ -13,7 +13,7 @@ from sqlalchemy import Engine, func, select
 
 from outbox import outbox_table
 from tasks.sweep import sweep
-from tests.integration.conftest import wait_for
+from tests.services import wait_for
 from webapp.extensions import outbox
 
 NEW_ORDER = {"customer_email": "ada@example.com", "items": [{"sku": "BOOK-1", "qty": 2}]}

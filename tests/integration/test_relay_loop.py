@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 
 from outbox import OutboxStatus, Relay, TaskOutbox
 from outbox.relay_loop import RelayLoop
-from tests.integration.conftest import ROOT, wait_for
 from tests.integration.test_delivery import broker_messages, row_status
+from tests.services import ROOT, wait_for
 
 
 @pytest.fixture

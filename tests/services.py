@@ -1,0 +1,159 @@
+"""Fixtures for tests against the real services: this run's PostgreSQL database, Redis DB
+and one real Celery worker.
+
+Loaded once as a plugin (``pytest_plugins`` in ``tests/conftest.py``) so the integration
+and chaos folders share one database and one worker. The worker is a separate
+``celery -A tasks worker`` process, started against the same database and broker as the
+tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import psycopg
+import pytest
+import redis
+from celery import Celery
+from flask import Flask
+from sqlalchemy import Engine, make_url, text
+
+from tests.conftest import REDIS_DB, RUN_ID
+
+ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.05) -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s (last value: {value!r})")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_client(pytestconfig: pytest.Config) -> redis.Redis:
+    if pytestconfig.stash.get(REDIS_DB, None) is None:
+        pytest.fail("Redis on 127.0.0.1:6379 is not reachable (or every test DB is taken).")
+    return redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """Create this run's database; drop it (and any connection left) at the end."""
+    url = make_url(os.environ["DATABASE_URL"])
+    admin = url.set(drivername="postgresql", database="postgres").render_as_string(False)
+    try:
+        conn = psycopg.connect(admin, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is not reachable: {e}")
+    with conn:
+        conn.execute(f'CREATE DATABASE "{url.database}"')
+    yield os.environ["DATABASE_URL"]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def app(database_url: str, redis_client: redis.Redis) -> Iterator[Flask]:
+    from webapp import create_app, init_db
+    from webapp.extensions import db
+
+    app = create_app()
+    assert database_url == app.config["SQLALCHEMY_DATABASE_URI"]
+    with app.app_context():
+        init_db(db.engine)
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def engine(app: Flask) -> Engine:
+    from webapp.extensions import db
+
+    with app.app_context():
+        return db.engine
+
+
+@pytest.fixture(scope="session")
+def celery_app(app: Flask) -> Celery:
+    from tasks import app as celery_app
+
+    return celery_app
+
+
+@pytest.fixture(scope="session")
+def worker(
+    app: Flask, celery_app: Celery, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """One ``celery -A tasks worker`` process for the session; yields its node name."""
+    node = f"outbox-test-{RUN_ID}@localhost"
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tasks",
+                "worker",
+                "--queues",
+                "celery,outbox",
+                "--concurrency",
+                "2",
+                "--loglevel",
+                "INFO",
+                "--hostname",
+                node,
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            cwd=ROOT,
+            env=os.environ.copy(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: (
+                process.poll() is not None
+                or celery_app.control.ping(destination=[node], timeout=0.5)
+            ),
+            timeout=60,
+        )
+        if process.poll() is not None:
+            pytest.fail(f"the Celery worker exited at start-up:\n{log.read_text()}")
+        yield node
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def empty_tables(engine: Engine) -> None:
+    """Each test starts with empty tables; ids keep growing so late tasks cannot collide."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "TRUNCATE celery_outbox, celery_outbox_processed, notifications, "
+                "stock_reservations, shipments, orders"
+            )
+        )
