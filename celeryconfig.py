@@ -8,6 +8,9 @@ broker_url = config.broker_url()
 broker_transport_options = config.broker_transport_options()
 broker_connection_retry_on_startup = True
 result_backend = config.result_backend()
+# Bounded like the broker's sockets (used when the result backend is Redis).
+redis_socket_timeout = 10
+redis_socket_connect_timeout = 5
 
 # JSON only, on every path: a pickle payload is code execution for whoever can publish.
 task_serializer = "json"

@@ -9,13 +9,14 @@ tests.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -96,7 +97,10 @@ def celery_app(app: Flask) -> Celery:
 
 @pytest.fixture(scope="session")
 def worker(
-    app: Flask, celery_app: Celery, tmp_path_factory: pytest.TempPathFactory
+    app: Flask,
+    celery_app: Celery,
+    tmp_path_factory: pytest.TempPathFactory,
+    pytestconfig: pytest.Config,
 ) -> Iterator[str]:
     """One ``celery -A tasks worker`` process for the session; yields its node name."""
     node = f"outbox-test-{RUN_ID}@localhost"
@@ -137,6 +141,7 @@ def worker(
         )
         if process.poll() is not None:
             pytest.fail(f"the Celery worker exited at start-up:\n{log.read_text()}")
+        pytestconfig.stash[WORKER_LOG] = log
         yield node
     finally:
         process.terminate()
@@ -145,6 +150,15 @@ def worker(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+WORKER_LOG = pytest.StashKey[Path]()
+
+
+@pytest.fixture
+def worker_log(worker: str, pytestconfig: pytest.Config) -> Path:
+    """The session worker's log file."""
+    return pytestconfig.stash[WORKER_LOG]
 
 
 @pytest.fixture
@@ -157,3 +171,31 @@ def empty_tables(engine: Engine) -> None:
                 "stock_reservations, shipments, orders"
             )
         )
+
+
+#: Figures chaos tests measure, printed as a table at the end of the run.
+CHAOS_FIGURES = pytest.StashKey[list[dict[str, object]]]()
+
+
+@pytest.fixture
+def chaos_report(pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> ChaosReport:
+    """Record what a chaos test did (messages, faults, lost, phantom, duplicates)."""
+    return ChaosReport(pytestconfig, request.node.name)
+
+
+class ChaosReport:
+    def __init__(self, config: pytest.Config, test: str) -> None:
+        self._rows = config.stash.setdefault(CHAOS_FIGURES, [])
+        self._test = test
+
+    def record(self, **figures: object) -> None:
+        self._rows.append({"test": self._test, **figures})
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    rows = config.stash.get(CHAOS_FIGURES, [])
+    if not rows:
+        return
+    terminalreporter.section("chaos figures")
+    for row in rows:
+        terminalreporter.write_line(json.dumps(row))

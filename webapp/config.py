@@ -8,6 +8,7 @@ demo needs no server. Set ``DATABASE_URL``, ``CELERY_BROKER_URL`` and
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,22 @@ def result_backend() -> str:
     return os.environ.get("CELERY_RESULT_BACKEND") or f"file://{var_dir() / 'results'}"
 
 
+#: Redis broker defaults: every socket operation bounded, so a broker that hangs (rather
+#: than refusing connections) cannot hang a publish or a worker.
+REDIS_TRANSPORT_OPTIONS: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5}
+
+
 def broker_transport_options() -> dict[str, Any]:
-    """Folders for kombu's filesystem transport; other transports need no options here."""
+    """Transport options: folders for the filesystem broker, timeouts for Redis.
+
+    ``CELERY_BROKER_TRANSPORT_OPTIONS`` (a JSON object) is merged over these, e.g.
+    ``{"visibility_timeout": 600}``.
+    """
+    extra = _json_object("CELERY_BROKER_TRANSPORT_OPTIONS")
+    if broker_url().startswith(("redis://", "rediss://")):
+        return {**REDIS_TRANSPORT_OPTIONS, **extra}
     if not broker_url().startswith("filesystem://"):
-        return {}
+        return extra
     broker_dir = var_dir() / "broker"
     queue_dir, control_dir = broker_dir / "queue", broker_dir / "control"
     for folder in (queue_dir, control_dir, var_dir() / "results"):
@@ -47,7 +60,21 @@ def broker_transport_options() -> dict[str, Any]:
         "data_folder_in": str(queue_dir),
         "data_folder_out": str(queue_dir),
         "control_folder": str(control_dir),
+        **extra,
     }
+
+
+def _json_object(variable: str) -> dict[str, Any]:
+    raw = os.environ.get(variable)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{variable}={raw!r} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{variable}={raw!r} must be a JSON object")  # noqa: TRY004
+    return value
 
 
 def outbox_settings() -> dict[str, str]:

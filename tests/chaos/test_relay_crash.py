@@ -2,93 +2,71 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
+from pathlib import Path
 
 import redis
 from celery import Celery
-from sqlalchemy import Engine, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
 
-from outbox import OutboxStatus, ProcessedMessage, TaskOutbox, outbox_table
 from outbox.contrib.flask import CRASH_AFTER_PUBLISHES_KEY, CRASH_EXIT_CODE
 from tasks.orders import reserve_stock
-from tests.services import ROOT, wait_for
-from webapp.models import Order, StockReservation
+from tests.chaos.checks import (
+    effects_per_order,
+    enqueue_orders,
+    outbox_counts,
+    queue_drained,
+    skipped_duplicates,
+)
+from tests.chaos.processes import start_relay
+from tests.services import ChaosReport, wait_for
 
 ORDERS = 100
 CRASH_AFTER = 30
 
 
-def start_relay(**env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flask",
-            "--app",
-            "webapp",
-            "outbox",
-            "relay",
-            "--poll-interval",
-            "0.2",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "OUTBOX_BATCH_SIZE": "50", **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def count(engine: Engine, query: object) -> int:
-    with Session(engine) as session:
-        return int(session.scalar(query) or 0)  # type: ignore[call-overload]
-
-
 def test_relay_killed_after_publishing_before_marking(
-    engine: Engine, celery_app: Celery, worker: str, redis_client: redis.Redis
+    engine: Engine,
+    celery_app: Celery,
+    worker: str,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    chaos_report: ChaosReport,
+    worker_log: Path,
 ) -> None:
     """The crashed batch stays pending; a new relay republishes it; each effect lands once."""
-    with Session(engine) as session:
-        orders = [Order(customer_email=f"c{i}@example.com", items=[]) for i in range(ORDERS)]
-        session.add_all(orders)
-        session.flush()
-        order_ids = [order.id for order in orders]
-        tasks = TaskOutbox(celery_app)
-        for order_id in order_ids:
-            tasks.apply_async(reserve_stock, args=(order_id,), session=session)
-        session.commit()
+    order_ids = enqueue_orders(engine, celery_app, reserve_stock, ORDERS)
+    skipped_before = skipped_duplicates(worker_log)
 
-    crashing = start_relay(**{CRASH_AFTER_PUBLISHES_KEY: str(CRASH_AFTER)})
-    output, _ = crashing.communicate(timeout=60)
-    assert CRASH_EXIT_CODE == crashing.returncode, output
-    pending = select(func.count()).where(outbox_table.c.status == OutboxStatus.PENDING)
-    assert ORDERS == count(engine, pending), "the crashed batch was never marked"
-    # The crashed relay's messages really reached the broker before it died.
-    wait_for(lambda: count(engine, select(func.count()).select_from(ProcessedMessage)) > 0)
+    crashing = start_relay(
+        "relay-crashing",
+        tmp_path,
+        OUTBOX_BATCH_SIZE="50",
+        **{CRASH_AFTER_PUBLISHES_KEY: str(CRASH_AFTER)},
+    )
+    crashing.popen.wait(timeout=60)
+    assert CRASH_EXIT_CODE == crashing.popen.returncode, crashing.log()
+    assert {"pending": ORDERS} == outbox_counts(engine), "the crashed batch was never marked"
 
-    relay = start_relay()
+    relay = start_relay("relay", tmp_path, OUTBOX_BATCH_SIZE="50")
     try:
-        dispatched = select(func.count()).where(outbox_table.c.status == OutboxStatus.DISPATCHED)
-        wait_for(lambda: count(engine, dispatched) == ORDERS, timeout=30)
+        wait_for(lambda: outbox_counts(engine) == {"dispatched": ORDERS}, timeout=30)
     finally:
-        relay.send_signal(signal.SIGTERM)
-        relay.communicate(timeout=20)
+        relay.stop()
+    wait_for(lambda: queue_drained(redis_client, "celery"), timeout=60)
 
-    processed = select(func.count()).select_from(ProcessedMessage)
-    wait_for(lambda: count(engine, processed) == ORDERS, timeout=60)
-    # Every message, first deliveries and republished duplicates alike, has been taken
-    # (queue empty) and acknowledged (kombu's unacked hash empty: tasks are acks_late).
-    wait_for(
-        lambda: redis_client.llen("celery") == 0 and redis_client.hlen("unacked") == 0,
-        timeout=60,
+    effects = effects_per_order(engine)
+    assert dict.fromkeys(order_ids, 1) == effects
+    # Each message the crashed relay got out was delivered twice; the repeat was skipped.
+    skipped = wait_for(
+        lambda: (n := skipped_duplicates(worker_log) - skipped_before) >= CRASH_AFTER and n,
+        timeout=20,
     )
-    reservations = select(StockReservation.order_id, func.count()).group_by(
-        StockReservation.order_id
+    assert CRASH_AFTER == skipped
+    chaos_report.record(
+        messages=ORDERS,
+        faults=f"relay exited after publishing {CRASH_AFTER} messages, before marking",
+        redelivered=skipped,
+        lost=ORDERS - len(effects),
+        phantom=0,
+        duplicate_effects=sum(count - 1 for count in effects.values()),
     )
-    with Session(engine) as session:
-        per_order = dict(session.execute(reservations).all())
-    assert dict.fromkeys(order_ids, 1) == per_order
