@@ -19,11 +19,13 @@ from celery import Celery
 from tests.services import ROOT, wait_for
 
 #: Chaos workers redeliver what a killed worker held after 2 s instead of kombu's hour,
-#: and look for such messages every second.
+#: and look for such messages every second. A worker killed while restoring keeps the
+#: restore mutex until it expires (5 minutes by default), so that expires fast too.
 FAST_REDELIVERY = {
     "visibility_timeout": 2,
     "unacked_restore_interval": 1,
     "unacked_restore_throttle": 1,
+    "unacked_mutex_expire": 3,
 }
 
 

@@ -1,0 +1,69 @@
+"""Workers SIGKILLed mid-stream with acks_late: messages come back, effects land once."""
+
+from __future__ import annotations
+
+import random
+import re
+import uuid
+from pathlib import Path
+
+import redis
+from celery import Celery
+from sqlalchemy import Engine
+
+from outbox import Relay
+from tasks.orders import reserve_stock
+from tests.chaos.checks import effects_per_order, enqueue_orders, queue_drained
+from tests.chaos.processes import pause, start_worker
+from tests.services import ChaosReport, wait_for
+
+ORDERS = 1500
+KILLS = 4
+RECEIVED = re.compile(r"Task orders\.reserve_stock\[[0-9a-f-]+\] received")
+
+
+def test_workers_killed_mid_task_apply_each_effect_once(
+    engine: Engine,
+    celery_app: Celery,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    chaos_report: ChaosReport,
+) -> None:
+    """Killing the worker group repeatedly while it works loses nothing and doubles nothing."""
+    queue = f"chaos-workers-{uuid.uuid4().hex[:8]}"
+    order_ids = enqueue_orders(engine, celery_app, reserve_stock, ORDERS, queue=queue)
+    assert ORDERS == Relay(engine, celery_app).drain(max_seconds=60).published
+
+    rng = random.Random(20261127)
+    killed_with_work_left = 0
+    try:
+        for round_ in range(KILLS):
+            worker = start_worker(f"chaos-w{round_}", queue, tmp_path, celery_app)
+            pause(rng.uniform(0.2, 0.6))
+            if len(effects_per_order(engine)) < ORDERS:
+                killed_with_work_left += 1
+            worker.kill()
+        last = start_worker("chaos-w-last", queue, tmp_path, celery_app)
+        try:
+            wait_for(lambda: len(effects_per_order(engine)) == ORDERS, timeout=60)
+            wait_for(lambda: queue_drained(redis_client, queue), timeout=30)
+        finally:
+            last.stop()
+    finally:
+        redis_client.delete(queue)
+
+    effects = effects_per_order(engine)
+    assert dict.fromkeys(order_ids, 1) == effects
+    assert KILLS == killed_with_work_left, "every kill landed while work was in flight"
+    logs = [path.read_text(errors="replace") for path in tmp_path.glob("chaos-w*.log")]
+    received = sum(len(RECEIVED.findall(log)) for log in logs)
+    redelivered = received - ORDERS
+    assert redelivered > 0, "killed workers held messages that had to be delivered again"
+    chaos_report.record(
+        messages=ORDERS,
+        faults=f"worker group SIGKILLed {KILLS} times mid-stream",
+        redelivered=redelivered,
+        lost=ORDERS - len(effects),
+        phantom=0,
+        duplicate_effects=sum(count - 1 for count in effects.values()),
+    )
