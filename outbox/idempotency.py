@@ -19,10 +19,10 @@ import functools
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from celery import current_task
-from sqlalchemy import String
+from sqlalchemy import ColumnElement, Dialect, String, cast, func
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, scoped_session
 
@@ -43,6 +43,19 @@ class ProcessedMessage(Base):
     task_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     task_name: Mapped[str] = mapped_column(String(255), nullable=False)
     processed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+
+    @classmethod
+    def task_id_matches(
+        cls, outbox_task_id: ColumnElement[Any], dialect: Dialect
+    ) -> ColumnElement[bool]:
+        """SQL: this row's task id equals an outbox row's UUID ``task_id``.
+
+        Celery task ids are UUID strings with hyphens; the outbox stores a native UUID on
+        PostgreSQL and 32 hex digits on SQLite.
+        """
+        if dialect.name == "sqlite":
+            return func.replace(cls.task_id, "-", "", type_=String) == outbox_task_id
+        return cls.task_id == cast(outbox_task_id, String)
 
 
 def idempotent(
@@ -100,9 +113,17 @@ def idempotent(
                 raise
             return result
 
+        # Tells the relay this consumer records what it processed, so a dispatched task
+        # that never gets recorded can be presumed lost and published again.
+        wrapper.__outbox_idempotent__ = True  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
+
+
+def confirms_processing(task: object) -> bool:
+    """Whether ``task``'s function records processed ids (is wrapped by :func:`idempotent`)."""
+    return bool(getattr(getattr(task, "run", None), "__outbox_idempotent__", False))
 
 
 def _already_processed(db: Session | scoped_session[Session], task_id: str) -> bool:

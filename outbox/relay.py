@@ -18,16 +18,17 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerUnavailable
-from sqlalchemy import Select, false, select, update
+from sqlalchemy import Select, case, exists, false, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.enqueue import utcnow
+from outbox.idempotency import ProcessedMessage, confirms_processing
 from outbox.schema import OutboxStatus, outbox_table
 from outbox.serialization import from_wire
 from outbox.settings import OutboxSettings
@@ -49,6 +50,17 @@ class _Claimed:
     kwargs: Any
     options: Any
     attempts: int
+
+
+@dataclass(slots=True)
+class _Published:
+    """What publishing one claimed batch did."""
+
+    ids: list[int] = field(default_factory=list)
+    #: Of ``ids``, rows whose consumer records processed ids (see ``redeliver_unconfirmed``).
+    awaiting_confirmation: list[int] = field(default_factory=list)
+    failures: list[tuple[_Claimed, str]] = field(default_factory=list)
+    broker_unavailable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +86,8 @@ class DrainResult:
     failed: int
     dead: int
     broker_unavailable: bool
+    #: Dispatched rows put back (or marked dead) because no consumer confirmed them.
+    redelivered: int = 0
 
 
 class Relay:
@@ -109,31 +123,87 @@ class Relay:
             rows = self._claim(conn)
             if not rows:
                 return BatchResult()
-            published, failures, broker_unavailable = self._publish(rows)
+            outcome = self._publish(rows)
             now = self._clock()
-            if published:
+            if outcome.ids:
+                deadline = now + timedelta(seconds=self.settings.confirm_timeout)
                 conn.execute(
                     update(outbox_table)
-                    .where(_t.id.in_(published))
+                    .where(_t.id.in_(outcome.ids))
                     .values(
                         status=OutboxStatus.DISPATCHED,
                         dispatched_at=now,
                         attempts=_t.attempts + 1,
                         last_error=None,
+                        confirm_deadline=case(
+                            (_t.id.in_(outcome.awaiting_confirmation), deadline), else_=None
+                        )
+                        if outcome.awaiting_confirmation
+                        else None,
                     )
                 )
-            dead = sum(self._record_failure(conn, row, error, now) for row, error in failures)
+            dead = sum(
+                self._record_failure(conn, row, error, now) for row, error in outcome.failures
+            )
         return BatchResult(
             claimed=len(rows),
-            published=len(published),
-            failed=len(failures),
+            published=len(outcome.ids),
+            failed=len(outcome.failures),
             dead=dead,
-            broker_unavailable=broker_unavailable,
+            broker_unavailable=outcome.broker_unavailable,
         )
+
+    def redeliver_unconfirmed(self) -> int:
+        """Publish again the dispatched tasks no idempotent consumer recorded in time.
+
+        A broker can drop a message: kombu's Redis transport pops it before recording it
+        as unacknowledged, so a worker killed in between takes it along. Such rows are put
+        back to pending (their consumer deduplicates, so a late original is harmless);
+        rows already published ``max_attempts`` times become dead instead. Returns how
+        many rows were put back or marked dead.
+        """
+        now = self._clock()
+        overdue = _t.confirm_deadline <= now
+        with self._connect() as conn, conn.begin():
+            processed = exists().where(ProcessedMessage.task_id_matches(_t.task_id, conn.dialect))
+            conn.execute(
+                update(outbox_table).where(overdue, processed).values(confirm_deadline=None)
+            )
+            unconfirmed = overdue & (_t.status == OutboxStatus.DISPATCHED)
+            error = (
+                f"no consumer recorded this task as processed within "
+                f"{self.settings.confirm_timeout:g}s of dispatch"
+            )
+            dead = conn.execute(
+                update(outbox_table)
+                .where(unconfirmed, _t.attempts >= self.settings.max_attempts)
+                .values(status=OutboxStatus.DEAD, confirm_deadline=None, last_error=error)
+            ).rowcount
+            again = conn.execute(
+                update(outbox_table)
+                .where(unconfirmed)
+                .values(
+                    status=OutboxStatus.PENDING,
+                    available_at=now,
+                    confirm_deadline=None,
+                    last_error=error + "; published again",
+                )
+            ).rowcount
+        if dead or again:
+            logger.warning(
+                "%d dispatched task(s) were never confirmed by their consumer: %d published "
+                "again, %d dead after %d attempts",
+                dead + again,
+                again,
+                dead,
+                self.settings.max_attempts,
+            )
+        return int(dead + again)
 
     def drain(self, max_seconds: float | None = None) -> DrainResult:
         """Run batches until no due row is left, the broker is down, or time is up."""
         deadline = time.monotonic() + (max_seconds or self.settings.sweep_max_seconds)
+        redelivered = self.redeliver_unconfirmed()
         batches = published = failed = dead = 0
         while True:
             result = self.run_once()
@@ -146,7 +216,9 @@ class Relay:
                 or result.claimed < self.settings.batch_size
                 or time.monotonic() >= deadline
             ):
-                return DrainResult(batches, published, failed, dead, result.broker_unavailable)
+                return DrainResult(
+                    batches, published, failed, dead, result.broker_unavailable, redelivered
+                )
 
     def _connect(self) -> Connection:
         conn = self.engine.connect()
@@ -176,9 +248,9 @@ class Relay:
             .with_for_update(skip_locked=True, of=outbox_table)
         )
 
-    def _publish(self, rows: list[_Claimed]) -> tuple[list[int], list[tuple[_Claimed, str]], bool]:
-        published: list[int] = []
-        failures: list[tuple[_Claimed, str]] = []
+    def _publish(self, rows: list[_Claimed]) -> _Published:
+        result = _Published()
+        published, failures = result.ids, result.failures
         with self.celery_app.producer_or_acquire() as producer:
             for row in rows:
                 task = self.celery_app.tasks.get(row.task_name)
@@ -197,16 +269,19 @@ class Relay:
                     )
                 except BrokerUnavailable as e:
                     self._broker_down(e)
-                    return published, failures, True
+                    result.broker_unavailable = True
+                    return result
                 except Exception as e:
                     logger.exception("publishing outbox row %s (%s) failed", row.id, row.task_id)
                     failures.append((row, f"{type(e).__name__}: {e}"))
                 else:
                     published.append(row.id)
+                    if confirms_processing(task):
+                        result.awaiting_confirmation.append(row.id)
                     if self._after_publish is not None:
                         self._after_publish()
         self._broker_up()
-        return published, failures, False
+        return result
 
     def _broker_down(self, error: Exception) -> None:
         if self._outage_started is None:

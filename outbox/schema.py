@@ -119,6 +119,10 @@ class OutboxMessage(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     available_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Set when a task with an idempotent consumer is dispatched: if the consumer has not
+    #: recorded the task id as processed by then, the message is presumed lost and the
+    #: row is published again. Cleared once checked.
+    confirm_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         # The relay's claim query walks this index in order and stops at the first row
@@ -130,6 +134,13 @@ class OutboxMessage(Base):
             "id",
             postgresql_where=text("status = 'pending'"),
             sqlite_where=text("status = 'pending'"),
+        ),
+        # Only rows awaiting confirmation are in it: the redelivery check stays cheap.
+        Index(
+            "ix_celery_outbox_confirm_deadline",
+            "confirm_deadline",
+            postgresql_where=text("confirm_deadline IS NOT NULL"),
+            sqlite_where=text("confirm_deadline IS NOT NULL"),
         ),
     )
 

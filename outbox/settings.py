@@ -15,6 +15,7 @@ DEFAULT_MAX_ATTEMPTS = 10
 DEFAULT_RETRY_BACKOFF = 2.0
 DEFAULT_RETRY_BACKOFF_MAX = 600.0
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
+DEFAULT_CONFIRM_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,12 @@ class OutboxSettings:
     #: Largest serialized args + kwargs accepted at enqueue. Brokers cap message sizes
     #: and big payloads belong in the database, referenced by id.
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    #: Seconds an idempotent consumer has to record a dispatched task as processed
+    #: before the outbox presumes the message lost (a broker can drop a message its
+    #: worker died holding) and publishes it again. Set it above the longest queue wait
+    #: plus run time: a redelivery that arrives while the first is still running waits
+    #: for it and is then skipped, but it is wasted work.
+    confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
@@ -60,6 +67,7 @@ class OutboxSettings:
             f"at least retry_backoff ({self.retry_backoff})",
         )
 
+        _require(self.confirm_timeout > 0, "confirm_timeout", self.confirm_timeout, "> 0 seconds")
         _require(
             self.max_payload_bytes >= 1, "max_payload_bytes", self.max_payload_bytes, ">= 1 byte"
         )

@@ -43,6 +43,7 @@ def register_sweep_task(
             "failed": result.failed,
             "dead": result.dead,
             "broker_unavailable": result.broker_unavailable,
+            "redelivered": result.redelivered,
         }
 
     return sweep
