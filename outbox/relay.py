@@ -93,8 +93,9 @@ class DrainResult:
 class Relay:
     """Moves due pending rows from the outbox table to the broker.
 
-    Stateless between calls: the beat sweep, a long-running relay process and a test can
-    all hold one, and several can run at once against the same table.
+    It keeps nothing about rows between calls (only when the current broker outage began,
+    to log it once): the beat sweep, a long-running relay process and a test can all hold
+    one, and several can run at once against the same table.
     """
 
     def __init__(
@@ -316,7 +317,8 @@ class Relay:
         return is_dead
 
     def _backoff(self, attempts: int) -> float:
-        """Exponential backoff with full jitter, so rows that failed together spread out."""
+        """Exponential backoff with jitter (half to all of the step), so rows that failed
+        together spread out."""
         ceiling = min(
             self.settings.retry_backoff_max, self.settings.retry_backoff * 2 ** (attempts - 1)
         )
