@@ -94,8 +94,9 @@ class Relay:
     """Moves due pending rows from the outbox table to the broker.
 
     It keeps nothing about rows between calls (only when the current broker outage began,
-    to log it once): the beat sweep, a long-running relay process and a test can all hold
-    one, and several can run at once against the same table.
+    to log it once, and a count of committed batches): the beat sweep, a long-running
+    relay process and a test can all hold one, and several can run at once against the
+    same table.
     """
 
     def __init__(
@@ -117,6 +118,9 @@ class Relay:
         # When the current broker outage began (monotonic), so it is logged once, not per
         # row or per sweep.
         self._outage_started: float | None = None
+        #: Batches this relay has committed, so a caller can tell a drain that failed
+        #: half-way after progress from one that got nothing done.
+        self.committed_batches = 0
 
     def run_once(self) -> BatchResult:
         """Claim, publish and mark at most one batch of due rows, in one transaction."""
@@ -146,6 +150,7 @@ class Relay:
             dead = sum(
                 self._record_failure(conn, row, error, now) for row, error in outcome.failures
             )
+        self.committed_batches += 1
         return BatchResult(
             claimed=len(rows),
             published=len(outcome.ids),

@@ -55,9 +55,14 @@ class RelayLoop:
         backoff = 0.0
         with self._listener() as wait:
             while not self.stopping:
+                committed_before = self.relay.committed_batches
                 try:
                     result = self.run_once()
                 except (OperationalError, DBAPIError) as e:
+                    if self.relay.committed_batches > committed_before:
+                        # The drain got work done before it failed: the database is there,
+                        # so start the backoff over rather than doubling it.
+                        backoff = 0.0
                     backoff = min(MAX_ERROR_BACKOFF, max(0.1, backoff * 2))
                     logger.warning("relay drain failed, retrying in %.1fs: %s", backoff, e)
                     self._stopping.wait(backoff)
