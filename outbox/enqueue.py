@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -31,6 +32,18 @@ SessionLike: TypeAlias = Session | scoped_session[Session] | Connection
 TaskRef: TypeAlias = Task[Any, Any] | str
 
 
+@dataclass(frozen=True, slots=True)
+class EnqueuedTask:
+    """What one enqueue call recorded, as stored (arguments in Celery's JSON form)."""
+
+    task_id: str
+    task_name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    options: dict[str, Any]
+    available_at: datetime
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -54,6 +67,8 @@ class TaskOutbox:
         self.celery_app = celery_app
         self.settings = settings or OutboxSettings()
         self._default_session = default_session
+        #: Called with each enqueued task's record; ``outbox.testing`` captures through it.
+        self.observers: list[Callable[[EnqueuedTask], None]] = []
         self._clock = clock
 
     def delay(self, task: TaskRef, /, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
@@ -118,6 +133,17 @@ class TaskOutbox:
             target.execute(insert(outbox_table).values(values))
         else:
             target.add(OutboxMessage(**values))
+        if self.observers:
+            enqueued = EnqueuedTask(
+                task_id=str(task_id),
+                task_name=name,
+                args=wire_args,
+                kwargs=wire_kwargs,
+                options=resolved.publish,
+                available_at=resolved.available_at,
+            )
+            for observe in self.observers:
+                observe(enqueued)
         return self.celery_app.AsyncResult(str(task_id))
 
     def enqueue(

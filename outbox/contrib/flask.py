@@ -99,6 +99,11 @@ class Outbox:
         return state
 
     @property
+    def tasks(self) -> TaskOutbox:
+        """The current app's framework-agnostic outbox (needs an application context)."""
+        return self.state.tasks
+
+    @property
     def relay(self) -> Relay:
         """The current app's relay (needs an application context)."""
         return self.state.relay
