@@ -9,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
-    OUTBOX_DEMO_DIR=/app/var
+    OUTBOX_DEMO_DIR=/app/var \
+    PYTHONPATH=/app
 
 # A fixed, unprivileged uid/gid so volume ownership is predictable.
 RUN groupadd --system --gid 10001 app \
@@ -18,7 +19,8 @@ RUN groupadd --system --gid 10001 app \
 
 WORKDIR /app
 
-# Exactly what the wheel build needs (see [tool.hatch.build.targets.wheel] in pyproject.toml).
+# What the wheel build needs (see [tool.hatch.build.targets.wheel] in pyproject.toml),
+# and celeryconfig.py, found through PYTHONPATH.
 COPY pyproject.toml README.md celeryconfig.py ./
 COPY outbox/ outbox/
 COPY webapp/ webapp/

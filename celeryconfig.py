@@ -1,7 +1,12 @@
 """Celery settings for the example, read from the environment (see ``webapp.config``)."""
 
 from outbox import OutboxSettings
-from outbox.contrib.celery import SWEEP_QUEUE, SWEEP_TASK_NAME, sweep_schedule
+from outbox.contrib.celery import (
+    CLEANUP_TASK_NAME,
+    SWEEP_QUEUE,
+    SWEEP_TASK_NAME,
+    periodic_tasks,
+)
 from webapp import config
 
 broker_url = config.broker_url()
@@ -30,7 +35,10 @@ task_send_sent_event = True
 
 # Workers consume both queues: `celery -A tasks worker -Q celery,outbox`.
 task_default_queue = "celery"
-task_routes = {SWEEP_TASK_NAME: {"queue": SWEEP_QUEUE}}
+task_routes = {
+    SWEEP_TASK_NAME: {"queue": SWEEP_QUEUE},
+    CLEANUP_TASK_NAME: {"queue": SWEEP_QUEUE},
+}
 
-beat_schedule = sweep_schedule(OutboxSettings.from_mapping(config.outbox_settings()))
+beat_schedule = periodic_tasks(OutboxSettings.from_mapping(config.outbox_settings()))
 beat_schedule_filename = str(config.var_dir() / "celerybeat-schedule")

@@ -122,6 +122,10 @@ class Relay:
         #: half-way after progress from one that got nothing done.
         self.committed_batches = 0
 
+    def now(self) -> datetime:
+        """The relay's clock (a test may have given it its own)."""
+        return self._clock()
+
     def run_once(self) -> BatchResult:
         """Claim, publish and mark at most one batch of due rows, in one transaction."""
         with self._connect() as conn, conn.begin():

@@ -135,6 +135,13 @@ class OutboxMessage(Base):
             postgresql_where=text("status = 'pending'"),
             sqlite_where=text("status = 'pending'"),
         ),
+        # The retention cleanup deletes the oldest dispatched rows first.
+        Index(
+            "ix_celery_outbox_dispatched_at",
+            "dispatched_at",
+            postgresql_where=text("status = 'dispatched'"),
+            sqlite_where=text("status = 'dispatched'"),
+        ),
         # Only rows awaiting confirmation are in it: the redelivery check stays cheap.
         Index(
             "ix_celery_outbox_confirm_deadline",

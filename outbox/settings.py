@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from typing import Any
 
 from outbox.errors import InvalidSettingError
@@ -16,6 +18,11 @@ DEFAULT_RETRY_BACKOFF = 2.0
 DEFAULT_RETRY_BACKOFF_MAX = 600.0
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 DEFAULT_CONFIRM_TIMEOUT = 3600.0
+DEFAULT_RETENTION = 7 * 86400.0
+DEFAULT_PROCESSED_RETENTION = 30 * 86400.0
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,12 @@ class OutboxSettings:
     #: plus run time: a redelivery that arrives while the first is still running waits
     #: for it and is then skipped, but it is wasted work.
     confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT
+    #: Seconds dispatched rows are kept before the cleanup deletes them.
+    retention: float = DEFAULT_RETENTION
+    #: Seconds idempotent consumers remember a processed task id. Longer than any
+    #: redelivery can take (the broker's visibility timeout, ``confirm_timeout``): an id
+    #: forgotten too early would be applied again if it were delivered again.
+    processed_retention: float = DEFAULT_PROCESSED_RETENTION
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
@@ -68,6 +81,13 @@ class OutboxSettings:
         )
 
         _require(self.confirm_timeout > 0, "confirm_timeout", self.confirm_timeout, "> 0 seconds")
+        _require(self.retention > 0, "retention", self.retention, "> 0 seconds")
+        _require(
+            self.processed_retention > self.confirm_timeout,
+            "processed_retention",
+            self.processed_retention,
+            f"longer than confirm_timeout ({self.confirm_timeout:g}s)",
+        )
         _require(
             self.max_payload_bytes >= 1, "max_payload_bytes", self.max_payload_bytes, ">= 1 byte"
         )
@@ -85,8 +105,12 @@ class OutboxSettings:
             try:
                 values[field.name] = kind(raw)
             except (TypeError, ValueError) as e:
+                if kind is float and isinstance(raw, str) and _DURATION.match(raw):
+                    values[field.name] = parse_duration(raw).total_seconds()
+                    continue
                 raise InvalidSettingError(
-                    f"{key}={raw!r} is not a valid {kind.__name__}; set it to a number."
+                    f"{key}={raw!r} is not a valid {kind.__name__}; set it to a number"
+                    + (" of seconds or a duration like 7d." if kind is float else ".")
                 ) from e
         return cls(**values)
 
@@ -96,3 +120,17 @@ def _require(ok: bool, name: str, value: object, expected: str) -> None:
         raise InvalidSettingError(
             f"OutboxSettings.{name}={value!r} is invalid: expected {expected}."
         )
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"7d"``, ``"12h"``, ``"30m"``, ``"45s"``, ``"2w"`` (or plain seconds) as a timedelta."""
+    match = _DURATION.match(text)
+    if match is None:
+        try:
+            return timedelta(seconds=float(text))
+        except ValueError:
+            raise InvalidSettingError(
+                f"duration {text!r} is not understood: write a number and a unit, e.g. 7d, "
+                "12h, 30m, 45s or 2w."
+            ) from None
+    return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])

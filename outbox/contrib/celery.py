@@ -14,15 +14,20 @@ sweeps are safe because the relay claims rows with ``SKIP LOCKED``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task
 
 from outbox.relay import Relay
+from outbox.retention import purge_outbox, purge_processed
 from outbox.settings import OutboxSettings
 
 SWEEP_TASK_NAME = "outbox.sweep"
+CLEANUP_TASK_NAME = "outbox.cleanup"
 SWEEP_QUEUE = "outbox"
+#: The cleanup runs hourly: each run deletes what aged out since the last one.
+CLEANUP_INTERVAL = 3600.0
 
 
 def register_sweep_task(
@@ -49,18 +54,51 @@ def register_sweep_task(
     return sweep
 
 
-def sweep_schedule(
+def register_cleanup_task(
+    celery_app: Celery, relay: Callable[[], Relay], *, name: str = CLEANUP_TASK_NAME
+) -> Task[[], dict[str, int]]:
+    """Register the retention cleanup: dispatched rows past ``settings.retention`` and
+    processed ids past ``settings.processed_retention`` are deleted in bounded batches.
+
+    It takes the relay for its engine, settings and clock, so it needs no wiring of its own.
+    """
+
+    @celery_app.task(name=name, ignore_result=True, shared=False)
+    def cleanup() -> dict[str, int]:
+        current = relay()
+        now = current.now()
+        settings = current.settings
+        return {
+            "outbox_rows": purge_outbox(
+                current.engine, now - timedelta(seconds=settings.retention)
+            ),
+            "processed_rows": purge_processed(
+                current.engine, now - timedelta(seconds=settings.processed_retention)
+            ),
+        }
+
+    return cleanup
+
+
+def periodic_tasks(
     settings: OutboxSettings | None = None,
     *,
     name: str = SWEEP_TASK_NAME,
     queue: str = SWEEP_QUEUE,
 ) -> dict[str, dict[str, Any]]:
-    """A ``beat_schedule`` entry that runs the sweep every ``settings.sweep_interval``."""
+    """``beat_schedule`` entries: the sweep every ``settings.sweep_interval``, the
+    retention cleanup hourly. Register both tasks (``register_sweep_task``,
+    ``register_cleanup_task``)."""
     interval = (settings or OutboxSettings()).sweep_interval
     return {
         "outbox-sweep": {
             "task": name,
             "schedule": interval,
             "options": {"queue": queue, "expires": interval},
-        }
+        },
+        "outbox-cleanup": {
+            "task": CLEANUP_TASK_NAME,
+            "schedule": CLEANUP_INTERVAL,
+            "options": {"queue": queue, "expires": CLEANUP_INTERVAL},
+        },
     }

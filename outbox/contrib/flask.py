@@ -19,6 +19,7 @@ from celery.result import AsyncResult, _set_task_join_will_block  # type: ignore
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from outbox.dead_letters import retry_dead
@@ -27,8 +28,9 @@ from outbox.errors import OutboxError
 from outbox.idempotency import idempotent
 from outbox.relay import DrainResult, Relay
 from outbox.relay_loop import DEFAULT_POLL_INTERVAL, RelayLoop
-from outbox.schema import create_tables
-from outbox.settings import OutboxSettings
+from outbox.retention import purge_outbox, purge_processed
+from outbox.schema import OutboxStatus, create_tables
+from outbox.settings import OutboxSettings, parse_duration
 from outbox.stats import collect_stats
 
 EXTENSION_NAME = "outbox"
@@ -256,6 +258,56 @@ def retry_dead_command(task_name: str | None, row_ids: tuple[str, ...]) -> None:
     with state.db.engine.begin() as conn:
         revived = retry_dead(conn, utcnow(), task_name=task_name, ids=ids, task_ids=task_ids)
     click.echo(f"{revived} dead row(s) back to pending")
+
+
+@outbox_cli.command("purge")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    help="Age of the rows to delete: 7d, 12h, 30m, 45s or 2w.",
+)
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice([OutboxStatus.DISPATCHED.value, OutboxStatus.DEAD.value]),
+    default=[OutboxStatus.DISPATCHED.value],
+    show_default=True,
+    help="Which rows to delete; repeat for several. Pending rows are never purged.",
+)
+@click.option(
+    "--processed/--no-processed",
+    default=False,
+    help="Also forget processed task ids recorded before the same cut-off.",
+)
+@with_appcontext
+def purge_command(older_than: str, statuses: tuple[str, ...], processed: bool) -> None:
+    """Delete old outbox rows in small batches (each its own short transaction)."""
+    try:
+        cutoff = utcnow() - parse_duration(older_than)
+    except OutboxError as e:
+        raise click.BadParameter(str(e), param_hint="--older-than") from e
+    state: _OutboxState = current_app.extensions[EXTENSION_NAME]
+    engine = state.db.engine
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed} rows")
+    ) as progress:
+        rows = progress.add_task(f"deleting {', '.join(statuses)} rows before {cutoff:%F %T}")
+        deleted = purge_outbox(
+            engine,
+            cutoff,
+            statuses=[OutboxStatus(status) for status in statuses],
+            progress=lambda n: progress.advance(rows, n),
+        )
+        forgotten = 0
+        if processed:
+            ids = progress.add_task("forgetting processed task ids")
+            forgotten = purge_processed(engine, cutoff, progress=lambda n: progress.advance(ids, n))
+    summary = f"deleted {deleted} outbox row(s)"
+    if processed:
+        summary += f", forgot {forgotten} processed task id(s)"
+    click.echo(summary)
 
 
 @outbox_cli.command("status")

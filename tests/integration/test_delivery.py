@@ -25,6 +25,7 @@ from outbox import (
     UnsupportedOptionError,
     outbox_table,
 )
+from outbox.retention import purge_outbox
 from tasks.orders import notify_customer
 from tests.services import wait_for
 from webapp.models import Notification, Order
@@ -250,3 +251,25 @@ def test_claim_query_uses_the_partial_index(engine: Engine, celery_app: Celery) 
         conn.execute(text("SET LOCAL enable_seqscan = off"))
         plan = "\n".join(row[0] for row in conn.execute(text(f"EXPLAIN {claim}")))
     assert "Index Scan using ix_celery_outbox_pending_due" in plan, plan
+
+
+def test_purge_on_postgres_deletes_old_dispatched_rows_in_batches(
+    engine: Engine, celery_app: Celery
+) -> None:
+    """The batched DELETE works on PostgreSQL and keeps young and pending rows."""
+    tasks = TaskOutbox(celery_app)
+    with Session(engine) as session:
+        # A task without an idempotent consumer: its rows await no confirmation.
+        for _ in range(25):
+            tasks.apply_async("outbox.sweep", queue="nobody", session=session)
+        session.commit()
+    Relay(engine, celery_app, OutboxSettings(batch_size=20)).run_once()
+    batches: list[int] = []
+    future = datetime.now(UTC) + timedelta(seconds=1)
+    assert 20 == purge_outbox(engine, future, batch_size=7, progress=batches.append)
+    assert [7, 7, 6] == batches
+    with engine.connect() as conn:
+        statuses = dict(
+            conn.execute(select(outbox_table.c.status, func.count()).group_by("status")).all()
+        )
+    assert {OutboxStatus.PENDING: 5} == statuses

@@ -6,7 +6,7 @@ from celery import Celery
 from sqlalchemy.orm import Session
 
 from outbox import OutboxSettings, Relay, TaskOutbox
-from outbox.contrib.celery import SWEEP_TASK_NAME, register_sweep_task, sweep_schedule
+from outbox.contrib.celery import SWEEP_TASK_NAME, periodic_tasks, register_sweep_task
 from tests.unit.conftest import drain_queue
 
 
@@ -31,10 +31,13 @@ def test_sweep_is_registered_under_its_name(celery_app: Celery, relay: Relay) ->
 
 def test_schedule_runs_every_interval_on_its_queue_and_expires() -> None:
     """Sweeps run on the outbox queue and expire after one interval, so they never pile up."""
-    entry = sweep_schedule(OutboxSettings(sweep_interval=2.5))["outbox-sweep"]
+    schedule = periodic_tasks(OutboxSettings(sweep_interval=2.5))
+    entry = schedule["outbox-sweep"]
     assert SWEEP_TASK_NAME == entry["task"]
     assert 2.5 == entry["schedule"]
     assert {"queue": "outbox", "expires": 2.5} == entry["options"]
+    cleanup = schedule["outbox-cleanup"]
+    assert ("outbox.cleanup", 3600.0) == (cleanup["task"], cleanup["schedule"])
 
 
 def test_example_celeryconfig_schedules_the_sweep_and_speaks_json_only() -> None:

@@ -1,0 +1,81 @@
+"""Keeping the outbox small: delete old rows in bounded batches.
+
+Each batch is its own short transaction, so a purge of millions of rows never holds a
+long lock, never bloats one transaction, and can be interrupted at any point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import datetime
+
+from sqlalchemy import Delete, delete, select
+from sqlalchemy.engine import Engine
+
+from outbox.idempotency import ProcessedMessage
+from outbox.schema import OutboxStatus, outbox_table
+
+_t = outbox_table.c
+
+DEFAULT_PURGE_BATCH = 1000
+
+
+def purge_outbox(
+    engine: Engine,
+    older_than: datetime,
+    *,
+    statuses: Iterable[OutboxStatus] = (OutboxStatus.DISPATCHED,),
+    batch_size: int = DEFAULT_PURGE_BATCH,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Delete rows in ``statuses`` older than ``older_than``; return how many.
+
+    A dispatched row ages from ``dispatched_at``, any other from ``created_at``. Rows
+    still awaiting their consumer's confirmation are kept.
+    """
+    total = 0
+    for status in statuses:
+        since = _t.dispatched_at if status == OutboxStatus.DISPATCHED else _t.created_at
+        doomed = (
+            select(_t.id)
+            .where(_t.status == status, since < older_than, _t.confirm_deadline.is_(None))
+            .limit(batch_size)
+        )
+        statement = delete(outbox_table).where(_t.id.in_(doomed))
+        total += _delete_in_batches(engine, statement, progress)
+    return total
+
+
+def purge_processed(
+    engine: Engine,
+    older_than: datetime,
+    *,
+    batch_size: int = DEFAULT_PURGE_BATCH,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Forget processed task ids recorded before ``older_than``; return how many.
+
+    Keep them longer than any redelivery can take (the broker's visibility timeout and
+    ``OUTBOX_CONFIRM_TIMEOUT``): a forgotten id would be applied again if redelivered.
+    """
+    doomed = (
+        select(ProcessedMessage.task_id)
+        .where(ProcessedMessage.processed_at < older_than)
+        .limit(batch_size)
+    )
+    statement = delete(ProcessedMessage).where(ProcessedMessage.task_id.in_(doomed))
+    return _delete_in_batches(engine, statement, progress)
+
+
+def _delete_in_batches(
+    engine: Engine, statement: Delete, progress: Callable[[int], None] | None
+) -> int:
+    total = 0
+    while True:
+        with engine.begin() as conn:
+            deleted = int(conn.execute(statement).rowcount)
+        total += deleted
+        if progress is not None and deleted:
+            progress(deleted)
+        if not deleted:
+            return total
