@@ -1,0 +1,108 @@
+"""The shipped Alembic migrations build exactly the schema the models describe."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, create_engine, make_url, text
+
+import outbox
+from outbox.migrations import VERSIONS_DIR
+
+ENV_PY = """
+from alembic import context
+
+context.configure(connection=context.config.attributes["connection"])
+with context.begin_transaction():
+    context.run_migrations()
+"""
+
+SCHEMA_QUERIES = {
+    "columns": """SELECT table_name, column_name, data_type, is_nullable, column_default
+                  FROM information_schema.columns
+                  WHERE table_name LIKE 'celery_outbox%' ORDER BY 1, 2""",
+    "indexes": """SELECT indexname, indexdef FROM pg_indexes
+                  WHERE tablename LIKE 'celery_outbox%' ORDER BY 1""",
+    "constraints": """SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint
+                      WHERE conrelid::regclass::text LIKE 'celery_outbox%' ORDER BY 1""",
+    "triggers": """SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger
+                   WHERE NOT tgisinternal ORDER BY 1""",
+}
+
+
+def migrate(engine: Engine, tmp_path: Path) -> None:
+    """Run the outbox branch to head through Alembic, as an application's env.py would."""
+    script_dir = tmp_path / "alembic"
+    script_dir.mkdir(exist_ok=True)
+    (script_dir / "env.py").write_text(ENV_PY)
+    config = Config()
+    config.set_main_option("script_location", str(script_dir))
+    config.set_main_option("version_locations", str(VERSIONS_DIR))
+    config.set_main_option("path_separator", "os")
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "outbox@head")
+
+
+@pytest.fixture
+def scratch_database() -> Iterator[Engine]:
+    """An empty PostgreSQL database of its own, dropped afterwards."""
+    url = make_url(os.environ["DATABASE_URL"])
+    name = f"{url.database}_migrations"
+    admin = url.set(drivername="postgresql", database="postgres").render_as_string(False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    engine = create_engine(url.set(database=name))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def describe(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
+    with engine.connect() as conn:
+        return {
+            name: [tuple(row) for row in conn.execute(text(query))]
+            for name, query in SCHEMA_QUERIES.items()
+        }
+
+
+def test_migrations_equal_the_models_on_postgres(
+    engine: Engine, scratch_database: Engine, tmp_path: Path
+) -> None:
+    """Columns, defaults, partial indexes, constraints and the NOTIFY trigger all match."""
+    migrate(scratch_database, tmp_path)
+    # ``engine`` is this run's database, built from the models by init-db.
+    assert describe(engine) == describe(scratch_database)
+    with scratch_database.connect() as conn:
+        assert [] == compare_metadata(MigrationContext.configure(conn), outbox.metadata)
+
+
+def test_migrations_equal_the_models_on_sqlite(tmp_path: Path) -> None:
+    """On SQLite too, autogenerate finds nothing left to change after the migration."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'migrated.sqlite3'}")
+    try:
+        migrate(engine, tmp_path)
+        with engine.connect() as conn:
+            assert [] == compare_metadata(MigrationContext.configure(conn), outbox.metadata)
+            indexes = dict(
+                conn.execute(
+                    text(
+                        "SELECT name, sql FROM sqlite_master "
+                        "WHERE type = 'index' AND sql IS NOT NULL"
+                    )
+                ).all()
+            )
+        assert "WHERE status = 'pending'" in indexes["ix_celery_outbox_pending_due"]
+    finally:
+        engine.dispose()
