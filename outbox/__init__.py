@@ -8,6 +8,7 @@ from outbox.dead_letters import retry_dead
 from outbox.enqueue import SessionLike, TaskOutbox
 from outbox.errors import (
     ArgumentNotSerializableError,
+    IdempotencyError,
     InvalidOptionError,
     InvalidSettingError,
     MissingSessionError,
@@ -28,6 +29,7 @@ __all__ = [
     "ArgumentNotSerializableError",
     "BatchResult",
     "DrainResult",
+    "IdempotencyError",
     "InvalidOptionError",
     "InvalidSettingError",
     "MissingSessionError",

@@ -39,5 +39,9 @@ class MissingSessionError(OutboxError):
     """No database session was given and the outbox has no default session."""
 
 
+class IdempotencyError(OutboxError):
+    """An idempotent task managed its own transaction, which would break its guarantee."""
+
+
 class InvalidSettingError(OutboxError):
     """An outbox setting has a value outside its allowed range."""

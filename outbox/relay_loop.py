@@ -139,15 +139,18 @@ class _PostgresListener(_Listener):
     def _connection(self) -> Any:
         if self._conn is not None:
             return self._conn
+        conn: Any = None
         try:
             raw = self.loop.relay.engine.raw_connection()
-            conn: Any = raw.driver_connection
+            conn = raw.driver_connection
             # A dedicated connection, detached from the pool: it lives in LISTEN mode.
             raw.detach()
             conn.autocommit = True
             conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         except Exception as e:
             logger.warning("cannot LISTEN on %s, polling instead: %s", NOTIFY_CHANNEL, e)
+            if conn is not None:
+                conn.close()
             return None
         self._conn = conn
         return conn

@@ -92,7 +92,8 @@ class OutboxMessage(Base):
 
     ``args``, ``kwargs`` and ``options`` hold the JSON that Celery's serializer produced at
     enqueue time (kombu's tagged form for datetimes, UUIDs and decimals), so what the relay
-    publishes is exactly what was validated.
+    publishes is what was validated. (PostgreSQL's JSONB normalises how numbers are
+    written: ``1e20`` comes back as an integer.)
     """
 
     __tablename__ = "celery_outbox"

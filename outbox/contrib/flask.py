@@ -9,6 +9,7 @@ import signal
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -289,6 +290,13 @@ def purge_command(older_than: str, statuses: tuple[str, ...], processed: bool) -
     except OutboxError as e:
         raise click.BadParameter(str(e), param_hint="--older-than") from e
     state: _OutboxState = current_app.extensions[EXTENSION_NAME]
+    if processed and utcnow() - cutoff <= timedelta(seconds=state.settings.confirm_timeout):
+        raise click.BadParameter(
+            f"{older_than!r} is not longer than OUTBOX_CONFIRM_TIMEOUT "
+            f"({state.settings.confirm_timeout:g}s): a processed id forgotten that early would "
+            "be applied again when its task is redelivered.",
+            param_hint="--older-than",
+        )
     engine = state.db.engine
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed} rows")

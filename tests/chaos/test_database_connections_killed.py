@@ -106,7 +106,8 @@ def test_relay_survives_its_database_connections_being_terminated(
     assert len(backoffs) >= KILLS_WITH_WORK_LEFT, relay_log
     # A drain that committed batches before it failed starts the backoff over: repeated
     # kills must not push the relay into ever longer pauses while it is making progress.
-    assert max(backoffs) <= 0.8, backoffs
+    # Without that reset, five kills in a row double it to 1.6 s and beyond.
+    assert max(backoffs) < 1.6, backoffs
     log_text = worker_log.read_text(errors="replace")
     received = len(RECEIVED.findall(log_text)) - received_before
     chaos_report.record(

@@ -19,7 +19,8 @@ from tests.services import ChaosReport, wait_for
 
 ORDERS = 1500
 KILLS = 4
-CONFIRM_TIMEOUT = 15
+#: Counted from the first drain, before five worker start-ups on a loaded machine.
+CONFIRM_TIMEOUT = 45
 RECEIVED = re.compile(r"Task orders\.reserve_stock\[[0-9a-f-]+\] received")
 
 
@@ -56,7 +57,7 @@ def test_workers_killed_mid_task_apply_each_effect_once(
                     republished.append(relay.drain().redelivered)
                     or len(effects_per_order(engine)) == ORDERS
                 ),
-                timeout=60,
+                timeout=90,
             )
             wait_for(lambda: queue_drained(redis_client, queue), timeout=30)
         finally:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from celery import Celery
 from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.orm import Session
 
-from outbox import OutboxStatus, ProcessedMessage, Relay, TaskOutbox, outbox_table
+from outbox import (
+    OutboxSettings,
+    OutboxStatus,
+    ProcessedMessage,
+    Relay,
+    TaskOutbox,
+    outbox_table,
+)
 from tasks.orders import reserve_stock
 from tests.integration.test_delivery import make_order
 from tests.services import wait_for
@@ -90,3 +97,29 @@ def lock_waiters(engine: Engine) -> int:
             "WHERE datname = current_database() AND wait_event_type = 'Lock'"
         )
         return int(conn.execute(query).scalar_one())
+
+
+def test_redelivery_matches_processed_ids_on_postgres(
+    engine: Engine, celery_app: Celery, worker: str
+) -> None:
+    """A task the worker recorded is confirmed; one that never ran is published again."""
+    order_id = make_order(engine)
+    tasks = TaskOutbox(celery_app)
+    with Session(engine) as session:
+        ran = tasks.apply_async(reserve_stock, args=(order_id,), session=session)
+        lost = tasks.apply_async(reserve_stock, args=(order_id,), queue="nobody", session=session)
+        session.commit()
+    relay = Relay(engine, celery_app, OutboxSettings(confirm_timeout=60))
+    assert 2 == relay.drain().published
+    wait_for(lambda: processed(engine, ran.id))
+    later = Relay(
+        engine,
+        celery_app,
+        OutboxSettings(confirm_timeout=60),
+        clock=lambda: datetime.now(UTC) + timedelta(seconds=61),
+    )
+    assert 1 == later.redeliver_unconfirmed(), "only the task nobody processed"
+    with engine.connect() as conn:
+        statuses = dict(conn.execute(select(outbox_table.c.task_id, outbox_table.c.status)).all())
+    assert OutboxStatus.DISPATCHED == statuses[uuid.UUID(ran.id)]
+    assert OutboxStatus.PENDING == statuses[uuid.UUID(lost.id)]

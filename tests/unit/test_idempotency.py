@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ from celery import Celery
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, func, select
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
-from outbox import ProcessedMessage, idempotent
+from outbox import IdempotencyError, ProcessedMessage, idempotent
 
 effects_metadata = MetaData()
 effects = Table(
@@ -72,16 +73,99 @@ def test_different_task_ids_each_apply(record: Any, db: scoped_session[Session])
     assert 2 == effect_count(db)
 
 
-def test_a_failed_run_commits_nothing_so_the_next_delivery_runs(
+def test_a_failed_run_commits_no_effect_and_counts_as_consumed(
     record: Any, db: scoped_session[Session]
 ) -> None:
-    """An exception rolls back the effect and the marker together."""
+    """An exception rolls the effect back; like Celery's ack, the id is then consumed."""
     with pytest.raises(RuntimeError, match="boom"):
         record.apply(task_id="t-1", kwargs={"fail_first": "raise"}, throw=True)
     assert 0 == effect_count(db)
-    assert 0 == count(db, lambda: select(func.count()).select_from(ProcessedMessage))
-    assert "done" == record.apply(task_id="t-1").get()
+    assert ["t-1"] == list(db.scalars(select(ProcessedMessage.task_id)))
+    assert record.apply(task_id="t-1").get() is None, "not published again by the outbox"
+
+
+def test_an_interrupted_run_leaves_the_id_for_the_next_delivery(
+    celery_app: Celery, db: scoped_session[Session]
+) -> None:
+    """A process going down mid-task (SystemExit) records nothing; the redelivery runs."""
+    runs: list[str] = []
+
+    @celery_app.task(name="unit.interrupted", bind=True, shared=False)
+    @idempotent(lambda: db)
+    def interrupted(self: Any) -> str:
+        db.execute(effects.insert().values(task_id=self.request.id))
+        runs.append(self.request.id)
+        if len(runs) == 1:
+            raise SystemExit(1)
+        return "done"
+
+    with pytest.raises(SystemExit):
+        interrupted.apply(task_id="t-1", throw=True)
+    assert 0 == effect_count(db)
+    assert "done" == interrupted.apply(task_id="t-1").get()
     assert 1 == effect_count(db)
+
+
+def test_committing_inside_the_task_is_refused(
+    celery_app: Celery, db: scoped_session[Session]
+) -> None:
+    """A commit inside would split effects from the marker: it raises, nothing is applied."""
+
+    @celery_app.task(name="unit.commits", bind=True, shared=False)
+    @idempotent(lambda: db)
+    def commits(self: Any) -> None:
+        db.execute(effects.insert().values(task_id=self.request.id))
+        db.commit()
+
+    with pytest.raises(IdempotencyError, match="committed its session itself"):
+        commits.apply(task_id="t-1", throw=True)
+    assert 0 == effect_count(db)
+
+
+def test_rolling_back_inside_the_task_is_refused(
+    celery_app: Celery, db: scoped_session[Session]
+) -> None:
+    """A rollback inside loses the marker: committing the rest would repeat effects."""
+
+    @celery_app.task(name="unit.rolls_back", bind=True, shared=False)
+    @idempotent(lambda: db)
+    def rolls_back(self: Any) -> None:
+        db.rollback()
+        db.execute(effects.insert().values(task_id=self.request.id))
+
+    with pytest.raises(IdempotencyError, match="rolled back its session"):
+        rolls_back.apply(task_id="t-1", throw=True)
+    assert 0 == effect_count(db)
+
+
+def test_a_nested_idempotent_call_joins_the_outer_transaction(
+    celery_app: Celery, db: scoped_session[Session]
+) -> None:
+    """Calling another idempotent task function inside one shares its single commit."""
+
+    @celery_app.task(name="unit.inner", bind=True, shared=False)
+    @idempotent(lambda: db)
+    def inner(self: Any, task_id: str) -> None:
+        db.execute(effects.insert().values(task_id=f"{task_id}-inner"))
+
+    @celery_app.task(name="unit.outer", bind=True, shared=False)
+    @idempotent(lambda: db)
+    def outer(self: Any) -> None:
+        db.execute(effects.insert().values(task_id=self.request.id))
+        inner(self.request.id)
+
+    outer.apply(task_id="t-1", throw=True)
+    outer.apply(task_id="t-1", throw=True)
+    assert ["t-1", "t-1-inner"] == sorted(db.scalars(select(effects.c.task_id)))
+
+
+def test_unsaved_changes_at_start_are_refused(record: Any, db: scoped_session[Session]) -> None:
+    """Pending objects in the session would commit with the task: it refuses to start."""
+    db.add(ProcessedMessage(task_id="stray", task_name="x", processed_at=datetime.now(UTC)))
+    with pytest.raises(IdempotencyError, match="unsaved changes"):
+        record.apply(task_id="t-1", throw=True)
+    db.rollback()
+    assert 0 == effect_count(db)
 
 
 def test_celery_retry_keeps_the_id_and_still_runs(record: Any, db: scoped_session[Session]) -> None:

@@ -175,3 +175,12 @@ def test_purge_command_rejects_a_bad_age(app: Flask) -> None:
     result = app.test_cli_runner().invoke(args=["outbox", "purge", "--older-than", "soon"])
     assert 2 == result.exit_code
     assert "--older-than" in result.output
+
+
+def test_purge_refuses_to_forget_processed_ids_inside_the_confirm_timeout(app: Flask) -> None:
+    """Forgetting ids younger than OUTBOX_CONFIRM_TIMEOUT would let redeliveries apply again."""
+    result = app.test_cli_runner().invoke(
+        args=["outbox", "purge", "--older-than", "30m", "--processed"]
+    )
+    assert 2 == result.exit_code
+    assert "OUTBOX_CONFIRM_TIMEOUT" in result.output
