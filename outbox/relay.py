@@ -180,6 +180,7 @@ class Relay:
                 update(outbox_table).where(overdue, processed).values(confirm_deadline=None)
             )
             unconfirmed = overdue & (_t.status == OutboxStatus.DISPATCHED)
+            self._give_up_on_expired(conn, unconfirmed, now)
             error = (
                 f"no consumer recorded this task as processed within "
                 f"{self.settings.confirm_timeout:g}s of dispatch"
@@ -210,8 +211,29 @@ class Relay:
             )
         return int(dead + again)
 
-    def drain(self, max_seconds: float | None = None) -> DrainResult:
-        """Run batches until no due row is left, the broker is down, or time is up."""
+    def _give_up_on_expired(self, conn: Connection, unconfirmed: Any, now: datetime) -> None:
+        """Stop tracking tasks whose ``expires`` has passed: a worker discards them unrun,
+        so no consumer will ever confirm them, and publishing them again is pointless."""
+        rows = conn.execute(select(_t.id, _t.options).where(unconfirmed)).all()
+        expired = [
+            row.id
+            for row in rows
+            if isinstance(row.options, dict)
+            and isinstance(row.options.get("expires"), str)
+            and datetime.fromisoformat(row.options["expires"]) <= now
+        ]
+        if expired:
+            conn.execute(
+                update(outbox_table)
+                .where(_t.id.in_(expired))
+                .values(confirm_deadline=None, last_error="expired before any consumer ran it")
+            )
+
+    def drain(
+        self, max_seconds: float | None = None, *, stop: Callable[[], bool] | None = None
+    ) -> DrainResult:
+        """Run batches until no due row is left, the broker is down, time is up, or
+        ``stop()`` says so (checked between batches)."""
         deadline = time.monotonic() + (max_seconds or self.settings.sweep_max_seconds)
         redelivered = self.redeliver_unconfirmed()
         batches = published = failed = dead = 0
@@ -225,6 +247,7 @@ class Relay:
                 result.broker_unavailable
                 or result.claimed < self.settings.batch_size
                 or time.monotonic() >= deadline
+                or (stop is not None and stop())
             ):
                 return DrainResult(
                     batches, published, failed, dead, result.broker_unavailable, redelivered

@@ -48,7 +48,9 @@ class RelayLoop:
         return self._stopping.is_set()
 
     def run_once(self) -> DrainResult:
-        return self.relay.drain()
+        # Stop between batches, not only between drains: a drain may run for
+        # sweep_max_seconds, and SIGTERM should cost at most the batch in hand.
+        return self.relay.drain(stop=self._stopping.is_set)
 
     def run(self, on_drain: Callable[[DrainResult], None] | None = None) -> None:
         """Loop until stopped: wait for a notification or the poll interval, then drain."""

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -195,8 +196,15 @@ def relay_command(poll_interval: float, heartbeat: Path | None) -> None:
     loop = RelayLoop(relay, poll_interval=poll_interval)
 
     def stop(signum: int, _frame: object) -> None:
-        click.echo(f"relay: {signal.Signals(signum).name} received, finishing the current batch")
-        loop.stop()
+        # Work that takes locks or writes to stdout does not belong in a signal handler:
+        # hand it to a thread.
+        def stop_loop() -> None:
+            click.echo(
+                f"relay: {signal.Signals(signum).name} received, finishing the current batch"
+            )
+            loop.stop()
+
+        threading.Thread(target=stop_loop, name="relay-stop").start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -124,3 +124,17 @@ def test_a_task_never_confirmed_dies_after_max_attempts(
     row = the_row(session)
     assert (OutboxStatus.DEAD, 3) == (row.status, row.attempts)
     assert "within 60s of dispatch" in (row.last_error or "")
+
+
+def test_an_expired_task_is_not_published_again(
+    tasks: TaskOutbox, session: Session, relay: Relay, confirming: Any, clock: FakeClock
+) -> None:
+    """A worker discards an expired task unrun: waiting for its confirmation is pointless."""
+    tasks.apply_async(confirming, args=(1,), expires=30)
+    session.commit()
+    relay.run_once()
+    clock.advance(TIMEOUT)
+    assert 0 == relay.redeliver_unconfirmed()
+    row = the_row(session)
+    assert (OutboxStatus.DISPATCHED, None) == (row.status, row.confirm_deadline)
+    assert "expired before any consumer ran it" == row.last_error

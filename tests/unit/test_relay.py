@@ -246,3 +246,14 @@ def test_concurrent_relays_on_sqlite_publish_each_row_once(
     assert 300 == sum(published)
     assert 300 == len(ids)
     assert expected == set(ids)
+
+
+def test_drain_stops_between_batches_when_asked(
+    tasks: TaskOutbox, session: Session, relay: Relay
+) -> None:
+    """A stop request ends the drain after the batch in hand, leaving the rest pending."""
+    for i in range(25):
+        tasks.delay("unit.add", i, i)
+    session.commit()
+    drained = relay.drain(stop=lambda: True)
+    assert (1, 10) == (drained.batches, drained.published)
