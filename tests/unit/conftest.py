@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from flask import Flask
 from kombu.transport import memory
 from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.orm import Session
@@ -88,6 +89,27 @@ def tasks(celery_app: Celery, clock: FakeClock, session: Session) -> TaskOutbox:
 @pytest.fixture
 def relay(engine: Engine, celery_app: Celery, clock: FakeClock) -> Relay:
     return Relay(engine, celery_app, OutboxSettings(batch_size=10), clock=clock)
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Flask]:
+    """The example orders app on a SQLite file of its own, tables created."""
+    from webapp import create_app, init_db
+    from webapp.extensions import db
+
+    app = create_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'orders.sqlite3'}"})
+    with app.app_context():
+        init_db(db.engine)
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture
+def app_context(app: Flask) -> Iterator[Flask]:
+    """The example app with an application context pushed for the test."""
+    with app.app_context():
+        yield app
 
 
 def count_rows(engine: Engine, **where: Any) -> int:

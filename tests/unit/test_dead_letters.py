@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from flask import Flask
 from sqlalchemy import insert, select
 
 from outbox import OutboxStatus, outbox_table
-from webapp import create_app, init_db
 from webapp.extensions import db
 
 
 @pytest.fixture
-def app(tmp_path: Path) -> Iterator[Flask]:
-    app = create_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'orders.sqlite3'}"})
+def app(app: Flask) -> Flask:
+    """The example app with three dead rows: two of one task, one of another."""
     with app.app_context():
-        init_db(db.engine)
         now = datetime.now(UTC)
         with db.engine.begin() as conn:
             for name in [
@@ -42,9 +38,7 @@ def app(tmp_path: Path) -> Iterator[Flask]:
                         available_at=now,
                     )
                 )
-    yield app
-    with app.app_context():
-        db.engine.dispose()
+    return app
 
 
 def rows(app: Flask) -> list[tuple[int, uuid.UUID, str, OutboxStatus, int]]:

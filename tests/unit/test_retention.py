@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -24,7 +22,6 @@ from outbox.contrib.celery import register_cleanup_task
 from outbox.retention import purge_outbox, purge_processed
 from outbox.settings import parse_duration
 from tests.unit.conftest import FakeClock, count_rows
-from webapp import create_app, init_db
 from webapp.extensions import db
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -134,16 +131,7 @@ def test_retention_settings_accept_durations_and_check_their_order() -> None:
         )
 
 
-@pytest.fixture
-def app(tmp_path: Path) -> Iterator[Flask]:
-    app = create_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'orders.sqlite3'}"})
-    with app.app_context():
-        init_db(db.engine)
-        yield app
-        db.engine.dispose()
-
-
-def test_purge_command_deletes_and_reports(app: Flask) -> None:
+def test_purge_command_deletes_and_reports(app_context: Flask) -> None:
     """`flask outbox purge --older-than 7d` deletes old dispatched rows and says how many."""
     real_now = datetime.now(UTC)
     with db.engine.begin() as conn:
@@ -162,7 +150,7 @@ def test_purge_command_deletes_and_reports(app: Flask) -> None:
                     dispatched_at=real_now - age,
                 )
             )
-    result = app.test_cli_runner().invoke(
+    result = app_context.test_cli_runner().invoke(
         args=["outbox", "purge", "--older-than", "7d", "--processed"]
     )
     assert 0 == result.exit_code, result.output
@@ -170,16 +158,18 @@ def test_purge_command_deletes_and_reports(app: Flask) -> None:
     assert 1 == count_rows(db.engine)
 
 
-def test_purge_command_rejects_a_bad_age(app: Flask) -> None:
+def test_purge_command_rejects_a_bad_age(app_context: Flask) -> None:
     """A malformed --older-than is a usage error naming the option."""
-    result = app.test_cli_runner().invoke(args=["outbox", "purge", "--older-than", "soon"])
+    result = app_context.test_cli_runner().invoke(args=["outbox", "purge", "--older-than", "soon"])
     assert 2 == result.exit_code
     assert "--older-than" in result.output
 
 
-def test_purge_refuses_to_forget_processed_ids_inside_the_confirm_timeout(app: Flask) -> None:
+def test_purge_refuses_to_forget_processed_ids_inside_the_confirm_timeout(
+    app_context: Flask,
+) -> None:
     """Forgetting ids younger than OUTBOX_CONFIRM_TIMEOUT would let redeliveries apply again."""
-    result = app.test_cli_runner().invoke(
+    result = app_context.test_cli_runner().invoke(
         args=["outbox", "purge", "--older-than", "30m", "--processed"]
     )
     assert 2 == result.exit_code

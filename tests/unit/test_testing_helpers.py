@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from celery import Celery
 from flask import Flask
 from sqlalchemy.orm import Session
 
 from outbox import TaskOutbox
 from outbox.testing import capture_tasks
-from webapp import create_app, init_db
-from webapp.extensions import db, outbox
+from webapp.extensions import outbox
 
 NEW_ORDER = {"customer_email": "ada@example.com", "items": [{"sku": "BOOK-1", "qty": 2}]}
-
-
-@pytest.fixture
-def app(tmp_path: Path) -> Iterator[Flask]:
-    app = create_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'orders.sqlite3'}"})
-    with app.app_context():
-        init_db(db.engine)
-        yield app
-        db.engine.dispose()
 
 
 def test_capture_records_calls_in_order_with_their_options(
@@ -52,9 +38,9 @@ def test_captured_tasks_run_eagerly_under_their_ids(
     assert (result.id, 5) == (eager.id, eager.get())
 
 
-def test_confirming_an_order_enqueues_the_three_fulfilment_tasks(app: Flask) -> None:
+def test_confirming_an_order_enqueues_the_three_fulfilment_tasks(app_context: Flask) -> None:
     """The example's confirm endpoint, asserted the way a user would in their own tests."""
-    client = app.test_client()
+    client = app_context.test_client()
     order_id = client.post("/orders", json=NEW_ORDER).json["id"]
     with capture_tasks(outbox.tasks) as captured:
         response = client.post(f"/orders/{order_id}/confirm")
@@ -73,9 +59,9 @@ def test_confirming_an_order_enqueues_the_three_fulfilment_tasks(app: Flask) -> 
     assert effects == client.get(f"/orders/{order_id}").json["effects"], "idempotent on repeat"
 
 
-def test_a_rejected_confirm_enqueues_nothing(app: Flask) -> None:
+def test_a_rejected_confirm_enqueues_nothing(app_context: Flask) -> None:
     """A 409 leaves nothing captured."""
-    client = app.test_client()
+    client = app_context.test_client()
     order_id = client.post("/orders", json=NEW_ORDER).json["id"]
     client.post(f"/orders/{order_id}/confirm")
     with capture_tasks(outbox.tasks) as captured:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,20 +11,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from outbox import OutboxMessage, OutboxStatus
-from webapp import create_app, init_db
 from webapp.extensions import db
 
 NEW_ORDER = {"customer_email": "ada@example.com", "items": [{"sku": "BOOK-1", "qty": 2}]}
-
-
-@pytest.fixture
-def app(tmp_path: Path) -> Iterator[Flask]:
-    app = create_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'orders.sqlite3'}"})
-    with app.app_context():
-        init_db(db.engine)
-    yield app
-    with app.app_context():
-        db.engine.dispose()
 
 
 @pytest.fixture
