@@ -31,6 +31,15 @@ ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
+def worker_command(node: str, queues: str) -> list[str]:
+    """``celery -A tasks worker`` for tests: two processes, no chatter between workers."""
+    return [
+        sys.executable, "-m", "celery", "-A", "tasks", "worker", "--queues", queues,
+        "--concurrency", "2", "--loglevel", "INFO", "--hostname", node,
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+
+
 def wait_for(check: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.05) -> T:
     """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -107,25 +116,7 @@ def worker(
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tasks",
-                "worker",
-                "--queues",
-                "celery,outbox",
-                "--concurrency",
-                "2",
-                "--loglevel",
-                "INFO",
-                "--hostname",
-                node,
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
+            worker_command(node, "celery,outbox"),
             cwd=ROOT,
             env=os.environ.copy(),
             stdout=out,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from celery import Celery
 
-from tests.services import ROOT, wait_for
+from tests.services import ROOT, wait_for, worker_command
 
 #: Chaos workers redeliver what a killed worker held after 2 s instead of kombu's hour,
 #: and look for such messages every second. A worker killed while restoring keeps the
@@ -79,25 +79,7 @@ def start_worker(
 ) -> Process:
     """A prefork worker on ``queue`` only, with fast redelivery; waits until it answers."""
     node = f"{name}@localhost"
-    args = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tasks",
-        "worker",
-        "--queues",
-        queue,
-        "--concurrency",
-        "2",
-        "--loglevel",
-        "INFO",
-        "--hostname",
-        node,
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
+    args = worker_command(node, queue)
     env = {"CELERY_BROKER_TRANSPORT_OPTIONS": json.dumps(FAST_REDELIVERY), **env}
     process = Process(name, args, env, log_dir)
     if ready:
