@@ -53,7 +53,7 @@ class TaskOutbox:
 
     The framework-agnostic core: give it the Celery app the tasks are registered with and,
     optionally, a function returning the default session (Flask-SQLAlchemy's ``db.session``
-    is what :class:`outbox.flask.Outbox` passes).
+    is what :class:`outbox.contrib.flask.Outbox` passes).
     """
 
     def __init__(

@@ -175,6 +175,11 @@ def outbox_cli() -> None:
 @with_appcontext
 def relay_command(poll_interval: float, heartbeat: Path | None) -> None:
     """Publish committed tasks as they commit (LISTEN/NOTIFY on PostgreSQL), until SIGTERM."""
+    if not logging.getLogger().handlers:
+        # A process of its own: show what it does (a host app may configure logging first).
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     state: _OutboxState = current_app.extensions[EXTENSION_NAME]
     relay = _with_crash_point(state.relay, current_app.config.get(CRASH_AFTER_PUBLISHES_KEY))
     # Like a worker, this process never waits for task results: without this, Celery
