@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from outbox.enqueue import utcnow
 from outbox.idempotency import ProcessedMessage, confirms_processing
+from outbox.metrics import DISPATCH_LAG, PUBLISH_FAILURES, PUBLISHED
 from outbox.schema import OutboxStatus, outbox_table
 from outbox.serialization import from_wire
 from outbox.settings import OutboxSettings
@@ -36,7 +37,16 @@ from outbox.settings import OutboxSettings
 logger = logging.getLogger(__name__)
 
 _t = outbox_table.c
-_CLAIM_COLUMNS = (_t.id, _t.task_id, _t.task_name, _t.args, _t.kwargs, _t.options, _t.attempts)
+_CLAIM_COLUMNS = (
+    _t.id,
+    _t.task_id,
+    _t.task_name,
+    _t.args,
+    _t.kwargs,
+    _t.options,
+    _t.attempts,
+    _t.available_at,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +60,7 @@ class _Claimed:
     kwargs: Any
     options: Any
     attempts: int
+    available_at: datetime
 
 
 @dataclass(slots=True)
@@ -288,6 +299,7 @@ class Relay:
             for row in rows:
                 task = self.celery_app.tasks.get(row.task_name)
                 if task is None:
+                    PUBLISH_FAILURES.labels(reason="row").inc()
                     failures.append(
                         (row, f"task {row.task_name!r} is not registered with the relay's app")
                     )
@@ -302,13 +314,19 @@ class Relay:
                     )
                 except BrokerUnavailable as e:
                     self._broker_down(e)
+                    PUBLISH_FAILURES.labels(reason="broker").inc()
                     result.broker_unavailable = True
                     return result
                 except Exception as e:
                     logger.exception("publishing outbox row %s (%s) failed", row.id, row.task_id)
+                    PUBLISH_FAILURES.labels(reason="row").inc()
                     failures.append((row, f"{type(e).__name__}: {e}"))
                 else:
                     published.append(row.id)
+                    PUBLISHED.labels(task=row.task_name).inc()
+                    DISPATCH_LAG.observe(
+                        max(0.0, (self._clock() - row.available_at).total_seconds())
+                    )
                     if confirms_processing(task):
                         result.awaiting_confirmation.append(row.id)
                     if self._after_publish is not None:

@@ -11,6 +11,7 @@ from flask.cli import with_appcontext
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from outbox.contrib.monitoring import monitoring_blueprint
 from outbox.schema import create_tables
 from webapp import config
 from webapp.errors import register_error_handlers
@@ -34,6 +35,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         if db.engine.dialect.name == "sqlite":
             event.listen(db.engine, "connect", _sqlite_pragmas)
     app.register_blueprint(orders_bp)
+    app.register_blueprint(monitoring_blueprint())
     register_error_handlers(app)
     app.cli.add_command(init_db_command)
     return app

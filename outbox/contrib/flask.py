@@ -20,6 +20,7 @@ from celery.canvas import Signature
 from celery.result import AsyncResult, _set_task_join_will_block  # type: ignore[attr-defined]
 from flask import Flask, current_app
 from flask.cli import with_appcontext
+from prometheus_client import start_http_server
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
@@ -28,6 +29,7 @@ from outbox.dead_letters import retry_dead
 from outbox.enqueue import SessionLike, TaskOutbox, TaskRef, utcnow
 from outbox.errors import OutboxError
 from outbox.idempotency import idempotent
+from outbox.metrics import register_outbox_collector
 from outbox.relay import DrainResult, Relay
 from outbox.relay_loop import DEFAULT_POLL_INTERVAL, RelayLoop
 from outbox.retention import purge_outbox, purge_processed
@@ -168,12 +170,17 @@ def outbox_cli() -> None:
     help="Seconds between polls when no notification arrives.",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    help="Serve Prometheus metrics (publish counters, dispatch lag, backlog) on this port.",
+)
+@click.option(
     "--heartbeat",
     type=click.Path(dir_okay=False, path_type=Path),
     help="A file touched after every drain, for liveness probes (its age is the loop's).",
 )
 @with_appcontext
-def relay_command(poll_interval: float, heartbeat: Path | None) -> None:
+def relay_command(poll_interval: float, metrics_port: int | None, heartbeat: Path | None) -> None:
     """Publish committed tasks as they commit (LISTEN/NOTIFY on PostgreSQL), until SIGTERM."""
     if not logging.getLogger().handlers:
         # A process of its own: show what it does (a host app may configure logging first).
@@ -199,6 +206,10 @@ def relay_command(poll_interval: float, heartbeat: Path | None) -> None:
             )
 
     loop = RelayLoop(relay, poll_interval=poll_interval)
+    if metrics_port is not None:
+        register_outbox_collector(lambda: relay.engine, relay.now)
+        start_http_server(metrics_port)
+        click.echo(f"relay: metrics on http://0.0.0.0:{metrics_port}/metrics")
 
     def stop(signum: int, _frame: object) -> None:
         # Work that takes locks or writes to stdout does not belong in a signal handler:

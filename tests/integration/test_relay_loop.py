@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,7 +60,12 @@ def test_relay_command_runs_until_sigterm(
 ) -> None:
     """`flask outbox relay` publishes what commits, beats its heartbeat, exits on SIGTERM."""
     heartbeat = tmp_path / "relay.heartbeat"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
     command = [
+        sys.executable,
+        "-m",
         "flask",
         "--app",
         "webapp",
@@ -68,7 +75,7 @@ def test_relay_command_runs_until_sigterm(
         "60",
     ]
     process = subprocess.Popen(
-        [sys.executable, "-m", *command, "--heartbeat", str(heartbeat)],
+        [*command, "--heartbeat", str(heartbeat), "--metrics-port", str(metrics_port)],
         cwd=ROOT,
         env=os.environ.copy(),
         stdout=subprocess.PIPE,
@@ -88,6 +95,11 @@ def test_relay_command_runs_until_sigterm(
         )
         assert dispatched is True, f"the relay exited ({process.poll()})"
         assert time.time() - heartbeat.stat().st_mtime < 10
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            metrics = response.read().decode()
+        assert 'celery_outbox_published_total{task="orders.notify_customer"} 1.0' in metrics
+        assert "celery_outbox_pending 0.0" in metrics
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=10)
     finally:
