@@ -24,16 +24,17 @@ from prometheus_client import start_http_server
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
+from sqlalchemy import select
 
 from outbox.dead_letters import retry_dead
 from outbox.enqueue import SessionLike, TaskOutbox, TaskRef, utcnow
 from outbox.errors import OutboxError
-from outbox.idempotency import idempotent
+from outbox.idempotency import ProcessedMessage, idempotent
 from outbox.metrics import register_outbox_collector
 from outbox.relay import DrainResult, Relay
 from outbox.relay_loop import DEFAULT_POLL_INTERVAL, RelayLoop
 from outbox.retention import purge_outbox, purge_processed
-from outbox.schema import OutboxStatus, create_tables
+from outbox.schema import OutboxStatus, create_tables, outbox_table
 from outbox.settings import OutboxSettings, parse_duration
 from outbox.stats import collect_stats
 
@@ -361,5 +362,60 @@ def status_command(as_json: bool) -> None:
     table.add_row("dead", str(stats.dead), style="red" if stats.dead else None)
     console = Console()
     console.print(table)
+    if stats.by_task:
+        per_task = Table(title="per task")
+        per_task.add_column("task")
+        statuses = [str(status) for status in OutboxStatus]
+        for status in statuses:
+            per_task.add_column(status, justify="right")
+        for name, counts in sorted(stats.by_task.items()):
+            per_task.add_row(name, *(str(counts.get(status, 0)) for status in statuses))
+        console.print(per_task)
     age = stats.oldest_pending_age_seconds
     console.print("oldest due pending row: " + ("none" if age is None else f"{age:.1f}s overdue"))
+    console.print(f"dispatched in the last minute: {stats.dispatched_last_minute}")
+
+
+@outbox_cli.command("inspect")
+@click.argument("task_id", type=click.UUID)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@with_appcontext
+def inspect_command(task_id: uuid.UUID, as_json: bool) -> None:
+    """One task's outbox row: status, attempts, errors, confirmation, and its Flower page."""
+    state: _OutboxState = current_app.extensions[EXTENSION_NAME]
+    with state.db.engine.connect() as conn:
+        row = conn.execute(
+            select(outbox_table).where(outbox_table.c.task_id == task_id)
+        ).one_or_none()
+        processed = conn.execute(
+            select(ProcessedMessage.processed_at).where(ProcessedMessage.task_id == str(task_id))
+        ).scalar_one_or_none()
+    if row is None:
+        raise click.ClickException(f"no outbox row has task id {task_id}.")
+    flower = current_app.config.get("OUTBOX_FLOWER_URL")
+    details: dict[str, Any] = {
+        "task_id": str(task_id),
+        "row_id": row.id,
+        "task_name": row.task_name,
+        "status": str(OutboxStatus(row.status)),
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+        "args": row.args,
+        "kwargs": row.kwargs,
+        "options": row.options,
+        "created_at": row.created_at.isoformat(),
+        "available_at": row.available_at.isoformat(),
+        "dispatched_at": row.dispatched_at.isoformat() if row.dispatched_at else None,
+        "awaiting_confirmation_until": (
+            row.confirm_deadline.isoformat() if row.confirm_deadline else None
+        ),
+        "processed_at": processed.isoformat() if processed else None,
+        "flower_url": f"{flower.rstrip('/')}/task/{task_id}" if flower else None,
+    }
+    if as_json:
+        click.echo(json.dumps(details))
+        return
+    table = Table(title=f"task {task_id}", show_header=False)
+    for key, value in details.items():
+        table.add_row(key, "" if value is None else str(value))
+    Console().print(table)

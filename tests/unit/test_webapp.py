@@ -162,3 +162,44 @@ def test_outbox_status_table_is_readable(app: Flask) -> None:
     assert 0 == result.exit_code, result.output
     assert "pending" in result.output
     assert "oldest due pending row: none" in result.output
+
+
+def test_outbox_status_breaks_counts_down_per_task(client: FlaskClient, app: Flask) -> None:
+    """The JSON status has counts per task name and the last minute's dispatch count."""
+    order_id = client.post("/orders", json=NEW_ORDER).json["id"]
+    client.post(f"/orders/{order_id}/confirm")
+    result = app.test_cli_runner().invoke(args=["outbox", "status", "--json"])
+    status = json.loads(result.output)
+    assert {"pending": 1} == status["by_task"]["orders.reserve_stock"]
+    assert 3 == len(status["by_task"])
+    assert 0 == status["dispatched_last_minute"]
+    table = app.test_cli_runner().invoke(args=["outbox", "status"]).output
+    assert "orders.prepare_shipment" in table
+    assert "dispatched in the last minute: 0" in table
+
+
+def test_outbox_inspect_shows_a_task_and_its_flower_page(client: FlaskClient, app: Flask) -> None:
+    """`flask outbox inspect TASK_ID` prints the row and links Flower when configured."""
+    order_id = client.post("/orders", json=NEW_ORDER).json["id"]
+    task_id = client.post(f"/orders/{order_id}/confirm").json["tasks"]["shipment"]
+    app.config["OUTBOX_FLOWER_URL"] = "http://flower.example:5555/"
+    result = app.test_cli_runner().invoke(args=["outbox", "inspect", task_id, "--json"])
+    assert 0 == result.exit_code, result.output
+    details = json.loads(result.output)
+    assert ("orders.prepare_shipment", "pending", 0) == (
+        details["task_name"],
+        details["status"],
+        details["attempts"],
+    )
+    assert [order_id] == details["args"]
+    assert f"http://flower.example:5555/task/{task_id}" == details["flower_url"]
+    text = app.test_cli_runner().invoke(args=["outbox", "inspect", task_id]).output
+    assert "orders.prepare_shipment" in text
+
+
+def test_outbox_inspect_of_an_unknown_task_says_so(app: Flask) -> None:
+    """An id that is not in the outbox is an error naming it."""
+    unknown = "00000000-0000-0000-0000-000000000000"
+    result = app.test_cli_runner().invoke(args=["outbox", "inspect", unknown])
+    assert 1 == result.exit_code
+    assert f"no outbox row has task id {unknown}" in result.output
