@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]  # kombu 5.7; stubs lag
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from sqlalchemy import Select, case, exists, false, select, update
 from sqlalchemy.engine import Connection, Engine
@@ -47,6 +48,17 @@ _CLAIM_COLUMNS = (
     _t.attempts,
     _t.available_at,
 )
+
+
+#: Redis commands one message can take in a publish pipeline: its LPUSH, and a PEXPIRE for
+#: each of kombu's four default priority levels when its queue has an expiry. Sizes the
+#: pipeline so that a batch goes out in one flush (an early flush would only cost a round
+#: trip).
+_PIPELINE_COMMANDS_PER_MESSAGE = 5
+
+
+class _BrokerDownError(Exception):
+    """Publishing stopped because the broker, not the row, failed (the cause is chained)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,55 +305,92 @@ class Relay:
         )
 
     def _publish(self, rows: list[_Claimed]) -> _Published:
+        """Publish a claimed batch through one producer, pipelined where the transport can.
+
+        kombu buffers a batch's publishes (on Redis, one pipeline: one round trip for the
+        batch instead of one a message) and sends them when the batch closes. A message
+        only counts as published once that flush succeeded; if it fails, the whole batch
+        stays pending and is published again under the same task ids, since kombu cannot
+        say which of the buffered messages got through.
+        """
         result = _Published()
-        published, failures = result.ids, result.failures
-        with self.celery_app.producer_or_acquire() as producer:
-            for row in rows:
-                task = self.celery_app.tasks.get(row.task_name)
-                if task is None:
-                    PUBLISH_FAILURES.labels(reason="row").inc()
-                    failures.append(
-                        (row, f"task {row.task_name!r} is not registered with the relay's app")
-                    )
-                    continue
-                try:
-                    task.apply_async(
-                        args=from_wire(row.args),
-                        kwargs=from_wire(row.kwargs),
-                        task_id=str(row.task_id),
-                        producer=producer,
-                        **from_wire(row.options),
-                    )
-                except BrokerUnavailable as e:
-                    self._broker_down(e)
-                    PUBLISH_FAILURES.labels(reason="broker").inc()
-                    result.broker_unavailable = True
-                    return result
-                except Exception as e:
-                    logger.exception("publishing outbox row %s (%s) failed", row.id, row.task_id)
-                    PUBLISH_FAILURES.labels(reason="row").inc()
-                    failures.append((row, f"{type(e).__name__}: {e}"))
-                else:
-                    published.append(row.id)
-                    PUBLISHED.labels(task=row.task_name).inc()
-                    DISPATCH_LAG.observe(
-                        max(0.0, (self._clock() - row.available_at).total_seconds())
-                    )
-                    if confirms_processing(task):
-                        result.awaiting_confirmation.append(row.id)
-                    if self._after_publish is not None:
-                        self._after_publish()
+        sent: list[tuple[_Claimed, Any]] = []
+        try:
+            with self.celery_app.producer_or_acquire() as producer:
+                broker_errors = (
+                    BrokerUnavailable,
+                    BatchPublishError,
+                    *producer.connection.connection_errors,
+                )
+                with producer.batch(max_size=_PIPELINE_COMMANDS_PER_MESSAGE * len(rows)):
+                    for row in rows:
+                        task = self._publish_one(row, producer, result, broker_errors)
+                        if task is not None:
+                            sent.append((row, task))
+        except (BrokerUnavailable, BatchPublishError, _BrokerDownError) as e:
+            self._broker_down(e.__cause__ if isinstance(e, _BrokerDownError) else e)
+            PUBLISH_FAILURES.labels(reason="broker").inc()
+            result.broker_unavailable = True
+            return result
         self._broker_up()
+        now = self._clock()
+        for row, task in sent:
+            result.ids.append(row.id)
+            PUBLISHED.labels(task=row.task_name).inc()
+            DISPATCH_LAG.observe(max(0.0, (now - row.available_at).total_seconds()))
+            if confirms_processing(task):
+                result.awaiting_confirmation.append(row.id)
+            if self._after_publish is not None:
+                self._after_publish()
         return result
 
-    def _broker_down(self, error: Exception) -> None:
+    def _publish_one(
+        self,
+        row: _Claimed,
+        producer: Any,
+        result: _Published,
+        broker_errors: tuple[type[BaseException], ...],
+    ) -> Any:
+        """Hand one row to the producer; return its task, or ``None`` if the row failed on
+        its own (recorded in ``result``). Raises ``_BrokerDownError`` if the broker is at fault.
+        """
+        task = self.celery_app.tasks.get(row.task_name)
+        if task is None:
+            PUBLISH_FAILURES.labels(reason="row").inc()
+            result.failures.append(
+                (row, f"task {row.task_name!r} is not registered with the relay's app")
+            )
+            return None
+        try:
+            task.apply_async(
+                args=from_wire(row.args),
+                kwargs=from_wire(row.kwargs),
+                task_id=str(row.task_id),
+                producer=producer,
+                # No publish retries: a row that is not published stays pending and the
+                # next run tries again, while retrying here would stall the whole batch.
+                retry=False,
+                **from_wire(row.options),
+            )
+        except broker_errors as e:
+            raise _BrokerDownError from e
+        except Exception as e:
+            logger.exception("publishing outbox row %s (%s) failed", row.id, row.task_id)
+            PUBLISH_FAILURES.labels(reason="row").inc()
+            result.failures.append((row, f"{type(e).__name__}: {e}"))
+            return None
+        return task
+
+    def _broker_down(self, error: BaseException | None) -> None:
+        reason = f"{type(error).__name__}: {error}"
         if self._outage_started is None:
             self._outage_started = time.monotonic()
             logger.warning(
-                "broker unavailable, rows stay pending and are retried on the next run: %s", error
+                "broker unavailable, rows stay pending and are retried on the next run: %s",
+                reason,
             )
         else:
-            logger.debug("broker still unavailable: %s", error)
+            logger.debug("broker still unavailable: %s", reason)
 
     def _broker_up(self) -> None:
         if self._outage_started is not None:
