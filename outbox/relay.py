@@ -30,6 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from outbox.enqueue import utcnow
 from outbox.idempotency import ProcessedMessage, confirms_processing
+from outbox.lifecycle import ROW_ID_HEADER
 from outbox.metrics import DISPATCH_LAG, PUBLISH_FAILURES, PUBLISHED
 from outbox.schema import OutboxStatus, outbox_table
 from outbox.serialization import from_wire
@@ -361,6 +362,9 @@ class Relay:
                 (row, f"task {row.task_name!r} is not registered with the relay's app")
             )
             return None
+        options = from_wire(row.options)
+        # Lets the worker record the task's lifecycle on this row by key (outbox.lifecycle).
+        options["headers"] = {**(options.get("headers") or {}), ROW_ID_HEADER: row.id}
         try:
             task.apply_async(
                 args=from_wire(row.args),
@@ -370,7 +374,7 @@ class Relay:
                 # No publish retries: a row that is not published stays pending and the
                 # next run tries again, while retrying here would stall the whole batch.
                 retry=False,
-                **from_wire(row.options),
+                **options,
             )
         except broker_errors as e:
             raise _BrokerDownError from e

@@ -124,6 +124,18 @@ class OutboxMessage(Base):
     #: recorded the task id as processed by then, the message is presumed lost and the
     #: row is published again. Cleared once checked.
     confirm_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The task's life after publishing, reported by the worker (``outbox.lifecycle``):
+    # what Flower shows while it still holds the task, kept here as long as the row.
+    #: Celery's state name after the latest run (SUCCESS, FAILURE, RETRY; STARTED while
+    #: running when start tracking is on); NULL until a worker reports.
+    task_state: Mapped[str | None] = mapped_column(String(16))
+    task_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    task_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: ``ExcType: message`` of the latest failed or retried run (kept after a later
+    #: success, so a task that needed a retry still says why).
+    task_error: Mapped[str | None] = mapped_column(Text)
+    #: How many times a worker ran the task (retries and redeliveries included).
+    task_runs: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
     __table_args__ = (
         # The relay's claim query walks this index in order and stops at the first row

@@ -64,6 +64,11 @@ class OutboxSettings:
     #: redelivery can take (the broker's visibility timeout, ``confirm_timeout``): an id
     #: forgotten too early would be applied again if it were delivered again.
     processed_retention: float = DEFAULT_PROCESSED_RETENTION
+    #: Workers record each outbox task's outcome on its row (one UPDATE a run).
+    track_lifecycle: bool = True
+    #: Also record when a task starts (a second UPDATE a run), like Celery's
+    #: ``task_track_started``; off by default for the same reason.
+    track_started: bool = False
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
@@ -101,6 +106,9 @@ class OutboxSettings:
             if key not in config:
                 continue
             raw = config[key]
+            if field.type in ("bool", bool):
+                values[field.name] = _boolean(key, raw)
+                continue
             kind = int if field.type in ("int", int) else float
             try:
                 values[field.name] = kind(raw)
@@ -113,6 +121,20 @@ class OutboxSettings:
                     + (" of seconds or a duration like 7d." if kind is float else ".")
                 ) from e
         return cls(**values)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _boolean(key: str, raw: object) -> bool:
+    """A flag from app config or the environment, where it is often a string."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise InvalidSettingError(f"{key}={raw!r} is not a flag; set it to true or false.")
 
 
 def _require(ok: bool, name: str, value: object, expected: str) -> None:

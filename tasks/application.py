@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import worker_init
 from flask import Flask, has_app_context
 
 
@@ -34,3 +35,11 @@ class AppContextTask(Task):  # type: ignore[type-arg]
 
 app = Celery("tasks", task_cls=AppContextTask)
 app.config_from_object("celeryconfig")
+
+
+@worker_init.connect
+def track_lifecycle(**_: Any) -> None:
+    """Record each outbox task's outcome on its outbox row (``OUTBOX_TRACK_LIFECYCLE``)."""
+    from webapp.extensions import outbox
+
+    outbox.track_lifecycle(flask_app())

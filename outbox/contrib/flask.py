@@ -30,6 +30,7 @@ from outbox.dead_letters import retry_dead
 from outbox.enqueue import SessionLike, TaskOutbox, TaskRef, utcnow
 from outbox.errors import OutboxError
 from outbox.idempotency import ProcessedMessage, idempotent
+from outbox.lifecycle import LifecycleTracker
 from outbox.metrics import register_outbox_collector
 from outbox.relay import DrainResult, Relay
 from outbox.relay_loop import DEFAULT_POLL_INTERVAL, RelayLoop
@@ -99,6 +100,23 @@ class Outbox:
             tasks=TaskOutbox(celery_app, default_session=lambda: db.session, settings=settings),
         )
         app.cli.add_command(outbox_cli)
+
+    def track_lifecycle(self, app: Flask) -> LifecycleTracker | None:
+        """In a worker: record each outbox task's outcome on its row (``outbox.lifecycle``).
+
+        Call it from Celery's ``worker_init`` signal. Returns the connected tracker, or
+        ``None`` when ``OUTBOX_TRACK_LIFECYCLE`` is off. The engine is looked up at the
+        first task, in the process that runs it.
+        """
+        state: _OutboxState = app.extensions[EXTENSION_NAME]
+        if not state.settings.track_lifecycle:
+            return None
+
+        def engine() -> Any:
+            with app.app_context():
+                return state.db.engine
+
+        return LifecycleTracker(engine, track_started=state.settings.track_started).connect()
 
     @property
     def state(self) -> _OutboxState:
@@ -381,7 +399,8 @@ def status_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @with_appcontext
 def inspect_command(task_id: uuid.UUID, as_json: bool) -> None:
-    """One task's outbox row: status, attempts, errors, confirmation, and its Flower page."""
+    """One task's outbox row: status, attempts, errors, confirmation, what the worker
+    reported (lifecycle), and its Flower page."""
     state: _OutboxState = current_app.extensions[EXTENSION_NAME]
     with state.db.engine.connect() as conn:
         row = conn.execute(
@@ -410,6 +429,11 @@ def inspect_command(task_id: uuid.UUID, as_json: bool) -> None:
             row.confirm_deadline.isoformat() if row.confirm_deadline else None
         ),
         "processed_at": processed.isoformat() if processed else None,
+        "task_state": row.task_state,
+        "task_runs": row.task_runs,
+        "task_started_at": row.task_started_at.isoformat() if row.task_started_at else None,
+        "task_finished_at": row.task_finished_at.isoformat() if row.task_finished_at else None,
+        "task_error": row.task_error,
         "flower_url": f"{flower.rstrip('/')}/task/{task_id}" if flower else None,
     }
     if as_json:

@@ -1,0 +1,255 @@
+"""Lifecycle tracking: a real (embedded) Celery worker records each run on the row."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from sqlalchemy import Engine, create_engine, delete, event, select
+from sqlalchemy.orm import Session
+
+from outbox import OutboxMessage, OutboxSettings, Relay, TaskOutbox, create_tables, outbox_table
+from outbox.lifecycle import ROW_ID_HEADER, LifecycleTracker
+from tests.services import wait_for
+from tests.unit.conftest import drain_queue
+
+#: Set by ``unit.plain`` when a worker ran it.
+PLAIN_RAN = threading.Event()
+#: The row's task_state as ``unit.peek`` saw it while running.
+PEEKED: list[str | None] = []
+
+
+@pytest.fixture(scope="module")
+def lifecycle_app() -> Iterator[Celery]:
+    """An app on the in-memory broker with tasks that succeed, fail, and need a retry."""
+    with pytest.MonkeyPatch.context() as env:
+        # As conftest's autouse fixture does for each test, for the module's worker.
+        env.delenv("CELERY_BROKER_URL", raising=False)
+        env.delenv("CELERY_RESULT_BACKEND", raising=False)
+        yield _lifecycle_app()
+
+
+def _lifecycle_app() -> Celery:
+    app = Celery("lifecycle", broker="memory://", set_as_current=False)
+    # The in-memory broker is polled: poll often so tests don't wait a second a task.
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={"polling_interval": 0.02},
+    )
+    runs: dict[str, int] = {}
+
+    @app.task(name="unit.add", shared=False)
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="unit.flaky", bind=True, shared=False, max_retries=3)
+    def flaky(self: Any) -> str:
+        runs[self.request.id] = runs.get(self.request.id, 0) + 1
+        if runs[self.request.id] == 1:
+            raise self.retry(exc=ValueError("first run fails"), countdown=0)
+        return "ok"
+
+    @app.task(name="unit.broken", shared=False)
+    def broken() -> None:
+        raise KeyError("sku-9")
+
+    @app.task(name="unit.plain", shared=False)
+    def plain() -> None:
+        PLAIN_RAN.set()
+
+    @app.task(name="unit.peek", shared=False)
+    def peek(url: str) -> None:
+        engine = create_engine(url)
+        try:
+            with Session(engine) as session:
+                PEEKED.append(session.scalars(select(OutboxMessage.task_state)).one())
+        finally:
+            engine.dispose()
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def lifecycle_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    path = tmp_path_factory.mktemp("lifecycle") / "outbox.sqlite3"
+    engine = create_engine(f"sqlite:///{path}")
+    create_tables(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def tracker(lifecycle_engine: Engine) -> Iterator[LifecycleTracker]:
+    tracker = LifecycleTracker(lifecycle_engine).connect()
+    yield tracker
+    tracker.disconnect()
+
+
+@pytest.fixture(scope="module")
+def module_worker(lifecycle_app: Celery, tracker: LifecycleTracker) -> Iterator[None]:
+    """One embedded worker for the module: starting and stopping one takes seconds."""
+    with start_worker(lifecycle_app, perform_ping_check=False, shutdown_timeout=5):
+        yield
+
+
+@pytest.fixture
+def engine(lifecycle_engine: Engine, tracker: LifecycleTracker) -> Engine:
+    """The module's database, emptied, with start tracking off unless a test turns it on."""
+    tracker.track_started = False
+    with lifecycle_engine.begin() as conn:
+        conn.execute(delete(outbox_table))
+    PLAIN_RAN.clear()
+    return lifecycle_engine
+
+
+@pytest.fixture
+def embedded_worker(module_worker: None) -> None:
+    return None
+
+
+def enqueue_and_publish(
+    engine: Engine, app: Celery, name: str, args: tuple[Any, ...] = (), **options: Any
+) -> tuple[str, OutboxMessage]:
+    tasks = TaskOutbox(app)
+    with Session(engine) as session:
+        result = tasks.apply_async(name, args=args, session=session, **options)
+        session.commit()
+    assert 1 == Relay(engine, app).run_once().published
+    with Session(engine) as session:
+        row = session.scalars(select(OutboxMessage)).one()
+    return result.id, row
+
+
+def row_when_reported(engine: Engine, state: str) -> OutboxMessage:
+    def reported() -> OutboxMessage | None:
+        with Session(engine) as session:
+            row = session.scalars(select(OutboxMessage)).one()
+            return row if row.task_state == state else None
+
+    return wait_for(reported, timeout=10)
+
+
+def test_the_relay_tags_each_message_with_its_row_and_keeps_user_headers(
+    engine: Engine, celery_app: Celery
+) -> None:
+    _, row = enqueue_and_publish(
+        engine, celery_app, "unit.add", (1, 2), headers={"tenant": "acme"}, queue="tagged"
+    )
+    [message] = drain_queue(celery_app, "tagged")
+    assert row.id == message["headers"][ROW_ID_HEADER]
+    assert "acme" == message["headers"]["tenant"]
+
+
+def test_success_records_state_times_and_one_run(
+    engine: Engine, lifecycle_app: Celery, embedded_worker: None
+) -> None:
+    tasks = TaskOutbox(lifecycle_app)
+    with Session(engine) as session:
+        tasks.apply_async("unit.add", args=(2, 3), session=session)
+        session.commit()
+    Relay(engine, lifecycle_app).run_once()
+    row = row_when_reported(engine, "SUCCESS")
+    assert 1 == row.task_runs
+    assert row.task_error is None
+    assert row.task_started_at is not None
+    assert row.task_finished_at is not None
+    assert row.task_started_at <= row.task_finished_at
+
+
+def test_a_failure_records_the_error(
+    engine: Engine, lifecycle_app: Celery, embedded_worker: None
+) -> None:
+    enqueue_and_publish(engine, lifecycle_app, "unit.broken")
+    row = row_when_reported(engine, "FAILURE")
+    assert "KeyError: 'sku-9'" == row.task_error
+    assert 1 == row.task_runs
+
+
+def test_a_retried_task_counts_both_runs_and_keeps_why_it_was_retried(
+    engine: Engine, lifecycle_app: Celery, embedded_worker: None
+) -> None:
+    enqueue_and_publish(engine, lifecycle_app, "unit.flaky")
+    row = wait_for(
+        lambda: (r := row_when_reported(engine, "SUCCESS")).task_runs == 2 and r, timeout=10
+    )
+    assert row.task_error is not None
+    assert "first run fails" in row.task_error
+
+
+def test_track_started_marks_the_row_when_the_run_begins(
+    engine: Engine, lifecycle_app: Celery, tracker: LifecycleTracker, embedded_worker: None
+) -> None:
+    tracker.track_started = True
+    PEEKED.clear()
+    enqueue_and_publish(engine, lifecycle_app, "unit.peek", (str(engine.url),))
+    row_when_reported(engine, "SUCCESS")
+    assert ["STARTED"] == PEEKED
+
+
+def test_tasks_not_published_by_the_outbox_cost_no_statement(
+    engine: Engine, lifecycle_app: Celery, embedded_worker: None
+) -> None:
+    statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        statements.append(args[2])
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        lifecycle_app.tasks["unit.plain"].delay()
+        assert PLAIN_RAN.wait(timeout=10)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert [] == statements
+
+
+def test_an_unreachable_database_is_logged_and_never_fails_the_task(
+    lifecycle_app: Celery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="outbox.lifecycle")
+    nowhere = create_engine(f"sqlite:///{tmp_path / 'missing' / 'outbox.sqlite3'}")
+    tracker = LifecycleTracker(nowhere).connect()
+    try:
+        result = lifecycle_app.tasks["unit.add"].apply(args=(2, 3), headers={ROW_ID_HEADER: 7})
+    finally:
+        tracker.disconnect()
+    assert (result.state, result.result) == ("SUCCESS", 5)
+    assert "could not record the lifecycle of outbox row 7" in caplog.text
+
+
+def test_settings_switch_tracking_off_and_start_tracking_on() -> None:
+    assert OutboxSettings().track_lifecycle
+    assert not OutboxSettings().track_started
+    settings = OutboxSettings.from_mapping(
+        {"OUTBOX_TRACK_LIFECYCLE": "false", "OUTBOX_TRACK_STARTED": "1"}
+    )
+    assert (settings.track_lifecycle, settings.track_started) == (False, True)
+
+
+def test_a_flag_that_is_not_one_is_refused() -> None:
+    from outbox import InvalidSettingError
+
+    with pytest.raises(InvalidSettingError, match="OUTBOX_TRACK_LIFECYCLE='sometimes'"):
+        OutboxSettings.from_mapping({"OUTBOX_TRACK_LIFECYCLE": "sometimes"})
+
+
+def test_disabled_tracking_connects_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    from flask import Flask
+
+    from outbox.contrib.flask import Outbox
+
+    class NoDb:
+        session = None
+
+    app = Flask(__name__)
+    app.config["OUTBOX_TRACK_LIFECYCLE"] = False
+    ext = Outbox(app, NoDb(), celery=Celery("off", set_as_current=False))
+    assert ext.track_lifecycle(app) is None
