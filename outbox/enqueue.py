@@ -25,6 +25,7 @@ from outbox.options import resolve_options
 from outbox.schema import OutboxMessage, OutboxStatus, outbox_table
 from outbox.serialization import encode
 from outbox.settings import OutboxSettings
+from outbox.tracing import current_trace_headers
 
 #: What a task can be enqueued into: the caller's ORM session or Core connection.
 SessionLike: TypeAlias = Session | scoped_session[Session] | Connection
@@ -116,13 +117,18 @@ class TaskOutbox:
                 f"over the {self.settings.max_payload_bytes}-byte limit (OUTBOX_MAX_PAYLOAD_BYTES):"
                 " store large data in the database and pass its id instead."
             )
+        publish = resolved.publish
+        if trace_headers := current_trace_headers():
+            # The caller's trace continues in the worker (outbox.tracing); headers the
+            # caller set win.
+            publish = {**publish, "headers": {**trace_headers, **publish.get("headers", {})}}
         task_id = uuid.uuid4()
         values: dict[str, Any] = {
             "task_id": task_id,
             "task_name": name,
             "args": wire_args,
             "kwargs": wire_kwargs,
-            "options": resolved.publish,
+            "options": publish,
             "status": OutboxStatus.PENDING,
             "attempts": 0,
             "created_at": now,
@@ -139,7 +145,7 @@ class TaskOutbox:
                 task_name=name,
                 args=wire_args,
                 kwargs=wire_kwargs,
-                options=resolved.publish,
+                options=publish,
                 available_at=resolved.available_at,
             )
             for observe in self.observers:

@@ -13,6 +13,7 @@ row whose transaction committed after a later one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -35,6 +36,7 @@ from outbox.metrics import DISPATCH_LAG, PUBLISH_FAILURES, PUBLISHED
 from outbox.schema import OutboxStatus, outbox_table
 from outbox.serialization import from_wire
 from outbox.settings import OutboxSettings
+from outbox.tracing import publishing_context
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,9 @@ _CLAIM_COLUMNS = (
 #: pipeline so that a batch goes out in one flush (an early flush would only cost a round
 #: trip).
 _PIPELINE_COMMANDS_PER_MESSAGE = 5
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 class _BrokerDownError(Exception):
@@ -364,18 +369,19 @@ class Relay:
             return None
         options = from_wire(row.options)
         # Lets the worker record the task's lifecycle on this row by key (outbox.lifecycle).
-        options["headers"] = {**(options.get("headers") or {}), ROW_ID_HEADER: row.id}
+        headers = options["headers"] = {**(options.get("headers") or {}), ROW_ID_HEADER: row.id}
         try:
-            task.apply_async(
-                args=from_wire(row.args),
-                kwargs=from_wire(row.kwargs),
-                task_id=str(row.task_id),
-                producer=producer,
-                # No publish retries: a row that is not published stays pending and the
-                # next run tries again, while retrying here would stall the whole batch.
-                retry=False,
-                **options,
-            )
+            with publishing_context(headers) if "traceparent" in headers else _NO_CONTEXT:
+                task.apply_async(
+                    args=from_wire(row.args),
+                    kwargs=from_wire(row.kwargs),
+                    task_id=str(row.task_id),
+                    producer=producer,
+                    # No publish retries: a row that is not published stays pending and
+                    # the next run tries again, while retrying here would stall the batch.
+                    retry=False,
+                    **options,
+                )
         except broker_errors as e:
             raise _BrokerDownError from e
         except Exception as e:

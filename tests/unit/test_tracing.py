@@ -1,0 +1,122 @@
+"""OpenTelemetry: the trace active at enqueue is the parent of the task's span in the worker."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+
+from outbox import OutboxMessage, Relay, TaskOutbox, create_tables
+from outbox.tracing import current_trace_headers, trace_tasks
+from tests.services import wait_for
+
+RAN = threading.Event()
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider
+
+
+@pytest.fixture
+def traced_app() -> Celery:
+    app = Celery("traced", broker="memory://", set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={"polling_interval": 0.02},
+    )
+
+    @app.task(name="unit.traced", shared=False)
+    def traced() -> None:
+        RAN.set()
+
+    RAN.clear()
+    return app
+
+
+@pytest.fixture
+def worker_spans(traced_app: Celery, provider: TracerProvider) -> Iterator[None]:
+    spans = trace_tasks(provider)
+    assert spans is not None
+    try:
+        with start_worker(traced_app, perform_ping_check=False, shutdown_timeout=5):
+            yield
+    finally:
+        spans.disconnect()
+
+
+def test_no_active_span_stores_no_trace_headers() -> None:
+    assert {} == current_trace_headers()
+
+
+def test_the_task_span_is_a_child_of_the_request_that_enqueued_it(
+    traced_app: Celery,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    worker_spans: None,
+    tmp_path: Path,
+) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    create_tables(engine)
+    tracer = provider.get_tracer("test")
+    with (
+        tracer.start_as_current_span("POST /orders/1/confirm") as request_span,
+        Session(engine) as session,
+    ):
+        result = TaskOutbox(traced_app).apply_async("unit.traced", session=session)
+        session.commit()
+    with Session(engine) as session:
+        stored: dict[str, Any] = session.scalars(select(OutboxMessage.options)).one()
+    assert stored["headers"]["traceparent"].split("-")[1] == format(
+        request_span.get_span_context().trace_id, "032x"
+    ), "the row carries the request's trace"
+
+    # The relay publishes outside any span, as a separate process would.
+    assert 1 == Relay(engine, traced_app).run_once().published
+    assert RAN.wait(timeout=10)
+
+    def task_span() -> Any:
+        return next((s for s in exporter.get_finished_spans() if s.name == "run/unit.traced"), None)
+
+    span = wait_for(task_span, timeout=10)
+    assert span.context.trace_id == request_span.get_span_context().trace_id
+    assert span.parent is not None
+    assert span.parent.span_id == request_span.get_span_context().span_id
+    assert result.id == span.attributes["messaging.message.id"]
+    assert "SUCCESS" == span.attributes["celery.state"]
+    engine.dispose()
+
+
+def test_headers_the_caller_sets_win_over_the_stored_trace(
+    traced_app: Celery, provider: TracerProvider, tmp_path: Path
+) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    create_tables(engine)
+    mine = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with provider.get_tracer("test").start_as_current_span("request"), Session(engine) as session:
+        TaskOutbox(traced_app).apply_async(
+            "unit.traced", session=session, headers={"traceparent": mine}
+        )
+        session.commit()
+    with Session(engine) as session:
+        stored: dict[str, Any] = session.scalars(select(OutboxMessage.options)).one()
+    assert mine == stored["headers"]["traceparent"]
+    engine.dispose()
