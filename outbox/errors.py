@@ -45,3 +45,7 @@ class IdempotencyError(OutboxError):
 
 class InvalidSettingError(OutboxError):
     """An outbox setting has a value outside its allowed range."""
+
+
+class InvalidSearchError(OutboxError):
+    """A search text is not a task id or an argument value the outbox can look for."""

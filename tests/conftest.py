@@ -14,14 +14,11 @@ import tempfile
 import uuid
 
 import pytest
-import redis
+
+from tests.redis_claim import claim_redis_db, release_redis_db
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 REDIS_SERVER = "redis://127.0.0.1:6379"
-#: DB 0 is the machine's shared default; test runs take one of the others.
-REDIS_TEST_DBS = range(1, 16)
-REDIS_CLAIM_KEY = "celery-outbox:test-run"
-REDIS_CLAIM_SECONDS = 2 * 3600
 
 pytest_plugins = ["tests.services"]
 
@@ -30,22 +27,8 @@ REDIS_DB = pytest.StashKey[int | None]()
 DEMO_DIR = pytest.StashKey[str]()
 
 
-def _claim_redis_db() -> int | None:
-    """Take the first Redis DB no other run holds (SET NX), or None if Redis is down."""
-    for index in REDIS_TEST_DBS:
-        try:
-            client = redis.Redis.from_url(f"{REDIS_SERVER}/{index}", socket_timeout=2)
-            if client.set(REDIS_CLAIM_KEY, RUN_ID, nx=True, ex=REDIS_CLAIM_SECONDS):
-                if client.dbsize() == 1:
-                    return index
-                client.delete(REDIS_CLAIM_KEY)
-        except redis.ConnectionError:
-            return None
-    return None
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    redis_db = _claim_redis_db()
+    redis_db = claim_redis_db(REDIS_SERVER, RUN_ID)
     config.stash[REDIS_DB] = redis_db
     os.environ["DATABASE_URL"] = f"{PG_SERVER}/outbox_test_{RUN_ID}"
     os.environ["CELERY_BROKER_URL"] = f"{REDIS_SERVER}/{redis_db if redis_db is not None else 15}"
@@ -61,9 +44,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     redis_db = config.stash.get(REDIS_DB, None)
     if redis_db is None:
         return
-    client = redis.Redis.from_url(f"{REDIS_SERVER}/{redis_db}", socket_timeout=2)
-    if client.get(REDIS_CLAIM_KEY) == RUN_ID.encode():
-        client.flushdb()
+    release_redis_db(REDIS_SERVER, redis_db, RUN_ID)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -75,5 +56,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         elif "chaos" in parts:
             item.add_marker(pytest.mark.services)
             item.add_marker(pytest.mark.chaos)
+        elif "browser" in parts:
+            item.add_marker(pytest.mark.services)
+            item.add_marker(pytest.mark.browser)
         elif "acceptance" in parts:
             item.add_marker(pytest.mark.acceptance)

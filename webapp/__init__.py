@@ -11,6 +11,7 @@ from flask.cli import with_appcontext
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from outbox.contrib.dashboard import dashboard_blueprint
 from outbox.contrib.monitoring import monitoring_blueprint
 from outbox.schema import create_tables
 from webapp import config
@@ -36,6 +37,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
             event.listen(db.engine, "connect", _sqlite_pragmas)
     app.register_blueprint(orders_bp)
     app.register_blueprint(monitoring_blueprint())
+    app.register_blueprint(dashboard_blueprint())
     register_error_handlers(app)
     app.cli.add_command(init_db_command)
     return app

@@ -78,7 +78,14 @@ def _json_object(variable: str) -> dict[str, Any]:
 
 
 def outbox_settings() -> dict[str, str]:
-    """The ``OUTBOX_*`` variables, for :meth:`outbox.OutboxSettings.from_mapping`."""
+    """The ``OUTBOX_*`` variables, copied into the Flask config as they are.
+
+    :meth:`outbox.OutboxSettings.from_mapping` takes its settings from them, and the
+    contrib modules read their own keys: ``OUTBOX_HEALTH_MAX_LAG`` (``/healthz`` and the
+    dashboard), ``OUTBOX_FLOWER_URL`` (links to Flower) and
+    ``OUTBOX_DASHBOARD_BASIC_AUTH`` (``user:password,...`` for ``/outbox``; unset, the
+    dashboard is open).
+    """
     return {
         key: value
         for key, value in os.environ.items()

@@ -253,6 +253,12 @@ def relay_command(poll_interval: float, metrics_port: int | None, heartbeat: Pat
     click.echo("relay: stopped")
 
 
+def flower_task_url(config: Mapping[str, Any], task_id: object) -> str | None:
+    """The task's page in Flower when ``OUTBOX_FLOWER_URL`` is set, else ``None``."""
+    flower = config.get("OUTBOX_FLOWER_URL")
+    return f"{str(flower).rstrip('/')}/task/{task_id}" if flower else None
+
+
 def _with_crash_point(relay: Relay, crash_after: object) -> Relay:
     """Arm the fault-injection point: exit hard after N messages are published, unmarked.
 
@@ -411,7 +417,6 @@ def inspect_command(task_id: uuid.UUID, as_json: bool) -> None:
         ).scalar_one_or_none()
     if row is None:
         raise click.ClickException(f"no outbox row has task id {task_id}.")
-    flower = current_app.config.get("OUTBOX_FLOWER_URL")
     details: dict[str, Any] = {
         "task_id": str(task_id),
         "row_id": row.id,
@@ -434,7 +439,7 @@ def inspect_command(task_id: uuid.UUID, as_json: bool) -> None:
         "task_started_at": row.task_started_at.isoformat() if row.task_started_at else None,
         "task_finished_at": row.task_finished_at.isoformat() if row.task_finished_at else None,
         "task_error": row.task_error,
-        "flower_url": f"{flower.rstrip('/')}/task/{task_id}" if flower else None,
+        "flower_url": flower_task_url(current_app.config, task_id),
     }
     if as_json:
         click.echo(json.dumps(details))
