@@ -61,6 +61,8 @@ _PIPELINE_COMMANDS_PER_MESSAGE = 5
 
 
 _NO_CONTEXT = contextlib.nullcontext()
+#: Longest wait between two redelivery checks of a draining relay (seconds).
+MAX_CONFIRM_CHECK_INTERVAL = 5.0
 
 
 class _BrokerDownError(Exception):
@@ -150,6 +152,8 @@ class Relay:
         #: Batches this relay has committed, so a caller can tell a drain that failed
         #: half-way after progress from one that got nothing done.
         self.committed_batches = 0
+        # When drain() next looks for dispatched tasks nobody confirmed.
+        self._next_confirm_check: datetime | None = None
 
     def now(self) -> datetime:
         """The relay's clock (a test may have given it its own)."""
@@ -264,7 +268,7 @@ class Relay:
         """Run batches until no due row is left, the broker is down, time is up, or
         ``stop()`` says so (checked between batches)."""
         deadline = time.monotonic() + (max_seconds or self.settings.sweep_max_seconds)
-        redelivered = self.redeliver_unconfirmed()
+        redelivered = self._maybe_redeliver_unconfirmed()
         batches = published = failed = dead = 0
         while True:
             result = self.run_once()
@@ -281,6 +285,21 @@ class Relay:
                 return DrainResult(
                     batches, published, failed, dead, result.broker_unavailable, redelivered
                 )
+
+    def _maybe_redeliver_unconfirmed(self) -> int:
+        """Run the redelivery check at most every few seconds (by the relay's clock).
+
+        It is a transaction of several statements, and a relay woken by every commit
+        drains hundreds of times a second: checking each time would cost more than the
+        batches themselves, while a deadline counted in minutes loses nothing by a check
+        a few seconds late.
+        """
+        now = self._clock()
+        if self._next_confirm_check is not None and now < self._next_confirm_check:
+            return 0
+        interval = min(MAX_CONFIRM_CHECK_INTERVAL, self.settings.confirm_timeout / 4)
+        self._next_confirm_check = now + timedelta(seconds=interval)
+        return self.redeliver_unconfirmed()
 
     def _connect(self) -> Connection:
         conn = self.engine.connect()
