@@ -1,0 +1,155 @@
+"""What runs inside the benchmark's child processes: ``python -m bench.child MODE``.
+
+Modes:
+
+- ``relay``: drain the outbox with :meth:`outbox.Relay.drain` until nothing is left;
+- ``plain``: publish N tasks with ``task.apply_async(args=..., task_id=...)`` in a loop,
+  the way an application without the outbox publishes;
+- ``sweep``: run ``Relay.drain()`` every ``--interval`` seconds until SIGTERM, which is
+  what the beat-scheduled ``outbox.sweep`` task does in a worker;
+- ``watch``: pop ``--count`` raw messages off a Redis queue as they arrive and report
+  when each task id arrived (a process of its own, so that no other thread holds the GIL
+  when a message lands).
+
+``relay`` and ``plain`` speak a line protocol on stdin/stdout: they import and connect
+first, print ``ready``, wait for ``go`` (so that start-up is not measured and two
+relays start together), do their work and print one JSON line with what they did and
+when (:func:`bench.children.monotonic`, comparable across processes). ``sweep`` prints
+``ready`` and runs until stopped; ``watch`` prints ``ready``, waits for ``go``, then
+prints its JSON line once it has seen ``--count`` messages or ``--seconds`` have passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import uuid
+from typing import Any
+
+from celery.result import _set_task_join_will_block  # type: ignore[attr-defined]
+from sqlalchemy import create_engine, text
+
+from bench.children import monotonic
+from outbox import OutboxSettings, Relay
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.child")
+    modes = parser.add_subparsers(dest="mode", required=True)
+    relay = modes.add_parser("relay")
+    relay.add_argument("--batch-size", type=int, default=OutboxSettings().batch_size)
+    plain = modes.add_parser("plain")
+    plain.add_argument("--count", type=int, required=True)
+    plain.add_argument("--task", default="orders.notify_customer")
+    sweep = modes.add_parser("sweep")
+    sweep.add_argument("--interval", type=float, default=OutboxSettings().sweep_interval)
+    watch = modes.add_parser("watch")
+    watch.add_argument("--queue", default="celery")
+    watch.add_argument("--count", type=int, required=True)
+    watch.add_argument("--seconds", type=float, required=True)
+    args = parser.parse_args(argv)
+    if args.mode == "watch":
+        print(json.dumps(_watch(args.queue, args.count, args.seconds)), flush=True)
+        return 0
+
+    from bench.celery_app import app as celery_app
+
+    # Like a worker and the relay command: this process never waits for results, so
+    # Celery must not subscribe it to every published task's result channel.
+    _set_task_join_will_block(True)
+    engine = create_engine(os.environ["DATABASE_URL"])
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    with celery_app.producer_or_acquire() as producer:
+        producer.connection.ensure_connection(max_retries=3)
+
+    if args.mode == "relay":
+        outcome = _drain(Relay(engine, celery_app, OutboxSettings(batch_size=args.batch_size)))
+    elif args.mode == "plain":
+        outcome = _publish(celery_app.tasks[args.task], args.count)
+    else:
+        _sweep(Relay(engine, celery_app), args.interval)
+        return 0
+    print(json.dumps(outcome), flush=True)
+    return 0
+
+
+def _ready() -> None:
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("expected 'go' on stdin")
+
+
+def _drain(relay: Relay) -> dict[str, Any]:
+    """Drain until a drain finds nothing: with another relay at work, one drain can end
+    early on a short batch (the other holds the rest), and the next takes what is left."""
+    _ready()
+    published = batches = 0
+    start = monotonic()
+    while True:
+        result = relay.drain(max_seconds=3600)
+        batches += result.batches
+        published += result.published
+        if result.broker_unavailable:
+            raise SystemExit("the broker became unavailable during the drain")
+        if not result.published:
+            break
+    return {"published": published, "batches": batches, "start": start, "end": monotonic()}
+
+
+def _publish(task: Any, count: int) -> dict[str, Any]:
+    """The loop an application runs without the outbox; ids and args made beforehand."""
+    task_ids = [str(uuid.uuid4()) for _ in range(count)]
+    _ready()
+    start = monotonic()
+    for number, task_id in enumerate(task_ids):
+        task.apply_async(args=(number,), task_id=task_id)
+    return {"published": count, "start": start, "end": monotonic()}
+
+
+def _watch(queue: str, count: int, seconds: float) -> dict[str, Any]:
+    """Pop messages as they arrive: BRPOP wakes the moment kombu's LPUSH lands, and the
+    messages already behind it (a relay publishes a batch in one pipeline) are taken in
+    the same instant with one RPOP, so they share its arrival time."""
+    import redis
+
+    client = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
+    client.ping()
+    popped: list[tuple[float, bytes]] = []
+    _ready()
+    deadline = monotonic() + seconds
+    while len(popped) < count and monotonic() < deadline:
+        first = client.brpop([queue], timeout=0.1)
+        if first is None:
+            continue
+        arrived = monotonic()
+        rest = client.rpop(queue, count) or []
+        popped.extend((arrived, raw) for raw in [first[1], *rest])
+    arrivals = {json.loads(raw)["headers"]["id"]: arrived for arrived, raw in popped}
+    return {"arrivals": arrivals}
+
+
+def _sweep(relay: Relay, interval: float) -> None:
+    """Drain at fixed ticks, as beat schedules the sweep (not an interval after each end).
+
+    A drain that overruns its tick skips the ticks it missed, as an expired queued sweep
+    would be skipped.
+    """
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
+    print("ready", flush=True)
+    start = monotonic()
+    tick = 0
+    while not stopping.is_set():
+        relay.drain()
+        tick = max(tick + 1, math.ceil((monotonic() - start) / interval))
+        stopping.wait(max(0.0, start + tick * interval - monotonic()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""What every section gets: the run's services, sizes and repeats, and shared clients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis
+from celery import Celery
+from rich.console import Console
+from sqlalchemy import Engine
+
+from bench.environment import Services
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """How much work each section does per run. ``FULL`` keeps a whole run of ``python -m
+    bench`` within about ten minutes on two cores; ``QUICK`` only proves every path works."""
+
+    #: Requests per variant per run (request path).
+    requests: int
+    #: Requests per variant before measuring: connections, caches, first-request set-up.
+    warmup_requests: int
+    #: Consecutive requests of one variant before switching to the next.
+    request_block: int
+    #: Pending rows drained per run (relay throughput).
+    relay_rows: int
+    #: Pending rows per run, and the batch sizes tried (batch-size sweep).
+    batch_rows: int
+    batch_sizes: tuple[int, ...]
+    #: Offered load of the latency section: enqueues per second, for how long.
+    latency_rate: float
+    latency_seconds: float
+    #: Dispatched rows beside the pending batch (backlog scaling), smallest first.
+    backlog_levels: tuple[int, ...]
+    #: Claims timed per backlog level per run.
+    claim_rounds: int
+    #: Rows per end-to-end run.
+    e2e_rows: int
+    #: Rows drained under the profiler.
+    profile_rows: int
+    #: Drains of a single row timed per run (profile: a drain's fixed cost).
+    single_drains: int
+
+
+FULL = Sizes(
+    requests=300,
+    warmup_requests=30,
+    request_block=25,
+    relay_rows=50_000,
+    batch_rows=10_000,
+    batch_sizes=(50, 100, 200, 500, 1000),
+    latency_rate=200.0,
+    latency_seconds=10.0,
+    backlog_levels=(0, 100_000, 1_000_000),
+    claim_rounds=300,
+    e2e_rows=5_000,
+    profile_rows=20_000,
+    single_drains=200,
+)
+QUICK = Sizes(
+    requests=10,
+    warmup_requests=2,
+    request_block=5,
+    relay_rows=300,
+    batch_rows=200,
+    batch_sizes=(50, 200),
+    latency_rate=50.0,
+    latency_seconds=1.0,
+    backlog_levels=(0, 1_000, 10_000),
+    claim_rounds=10,
+    e2e_rows=100,
+    profile_rows=200,
+    single_drains=5,
+)
+
+
+@dataclass(slots=True)
+class Context:
+    services: Services
+    sizes: Sizes
+    repeats: int
+    #: Progress goes to stderr's console; tables (the profile's) to ``out``, stdout's.
+    console: Console
+    out: Console
+    #: The benchmark process's own engine on the run's database.
+    engine: Engine
+    celery_app: Celery
+    #: A client on the run's Redis DB (the broker's).
+    redis: redis.Redis
+    #: Section data for the JSON file beyond the figures (profiles, settings used...).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def say(self, message: str) -> None:
+        """Progress on stderr's console, so a long run shows where it is."""
+        self.console.log(message)
+
+
+def rotated(items: Sequence[T], run: int) -> list[T]:
+    """``items`` starting at a different one each run, so no variant always goes first
+    (or always runs right after another) and order effects spread over all of them."""
+    shift = run % len(items)
+    return [*items[shift:], *items[:shift]]

@@ -1,0 +1,1 @@
+"""One module per section of ``python -m bench``; each ``run(ctx)`` returns its figures."""

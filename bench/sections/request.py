@@ -1,0 +1,140 @@
+"""Request path: ``POST /orders/<id>/confirm`` through the outbox vs the ``.delay()`` way.
+
+Both variants run in the same Flask app (the example's, on PostgreSQL with the Redis
+broker) through the test client, so what differs is only how the three tasks leave the
+request: three outbox rows in the request's transaction, or three publishes to Redis
+after its commit. Fresh pending orders are made before each run; the variants alternate
+in blocks of requests, in a rotating order.
+
+With a Redis result backend (the README's production set-up) Celery subscribes a
+process that calls ``.delay()`` to each task's result channel: one more Redis round trip
+per task, which the outbox's enqueue never makes. A third variant runs the ``.delay()``
+view with that subscription off (as it is in workers), to show how much of the
+difference it accounts for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from celery.result import (  # type: ignore[attr-defined]
+    _set_task_join_will_block,
+    task_join_will_block,
+)
+from sqlalchemy import Engine, text
+
+from bench.context import Context, rotated
+from bench.data import empty_queue, empty_tables
+from bench.results import RATIO, Figure, Target, median, ratios
+
+SECTION = "request"
+OUTBOX, DELAY, DELAY_UNSUBSCRIBED = "outbox", "delay", "delay-unsubscribed"
+
+_NEW_ORDERS = """
+INSERT INTO orders (customer_email, items, status, created_at)
+SELECT 'bench@example.com', '[{"sku": "BOOK-1", "qty": 1}]', 'pending', now()
+FROM generate_series(1, :count)
+RETURNING id
+"""
+
+
+def run(ctx: Context) -> list[Figure]:
+    from bench.delay_view import CONFIRM_WITH_DELAY
+    from bench.delay_view import bp as delay_bp
+    from webapp import create_app
+
+    app = create_app()
+    app.register_blueprint(delay_bp)
+    client = app.test_client()
+    urls = {
+        OUTBOX: "/orders/{order_id}/confirm",
+        DELAY: CONFIRM_WITH_DELAY,
+        DELAY_UNSUBSCRIBED: CONFIRM_WITH_DELAY,
+    }
+    sizes = ctx.sizes
+    blocks = max(1, sizes.requests // sizes.request_block)
+    medians: dict[str, list[float]] = {name: [] for name in urls}
+    samples: dict[str, list[list[float]]] = {name: [] for name in urls}
+
+    def confirm(variant: str, order_id: int) -> float:
+        url = urls[variant].format(order_id=order_id)
+        subscribes = task_join_will_block()
+        _set_task_join_will_block(variant == DELAY_UNSUBSCRIBED)
+        try:
+            start = time.perf_counter_ns()
+            response = client.post(url)
+            elapsed = (time.perf_counter_ns() - start) / 1000
+        finally:
+            _set_task_join_will_block(subscribes)
+        if response.status_code != 200:
+            raise RuntimeError(f"POST {url}: {response.status_code} {response.get_data()!r}")
+        return elapsed
+
+    for run_index in range(ctx.repeats):
+        ctx.say(f"request: run {run_index + 1}/{ctx.repeats}")
+        empty_tables(ctx.engine)
+        empty_queue(ctx.redis)
+        per_variant = sizes.warmup_requests + blocks * sizes.request_block
+        orders = _new_orders(ctx.engine, per_variant * len(urls))
+        for variant in urls:
+            for _ in range(sizes.warmup_requests):
+                confirm(variant, next(orders))
+        times: dict[str, list[float]] = {name: [] for name in urls}
+        for block in range(blocks):
+            for variant in rotated(list(urls), block + run_index):
+                times[variant].extend(
+                    confirm(variant, next(orders)) for _ in range(sizes.request_block)
+                )
+        for name, values in times.items():
+            medians[name].append(median(values))
+            samples[name].append(values)
+
+    requests = f"{blocks * sizes.request_block} requests per variant per run"
+    return [
+        Figure(
+            SECTION,
+            "confirm via outbox (3 rows in the request's transaction)",
+            "µs/request",
+            medians[OUTBOX],
+            note=requests,
+            samples=samples[OUTBOX],
+        ),
+        Figure(
+            SECTION,
+            "confirm via .delay() (3 publishes after commit)",
+            "µs/request",
+            medians[DELAY],
+            note=requests,
+            samples=samples[DELAY],
+        ),
+        Figure(
+            SECTION,
+            "confirm via .delay(), no result-channel SUBSCRIBE",
+            "µs/request",
+            medians[DELAY_UNSUBSCRIBED],
+            note="as .delay() costs where Celery does not subscribe (a worker, or no Redis "
+            "result backend)",
+            samples=samples[DELAY_UNSUBSCRIBED],
+        ),
+        Figure(
+            SECTION,
+            "ratio outbox / delay",
+            RATIO,
+            ratios(medians[OUTBOX], medians[DELAY]),
+            target=Target.at_most(0.8, RATIO),
+        ),
+        Figure(
+            SECTION,
+            "ratio outbox / delay without SUBSCRIBE",
+            RATIO,
+            ratios(medians[OUTBOX], medians[DELAY_UNSUBSCRIBED]),
+        ),
+    ]
+
+
+def _new_orders(engine: Engine, count: int) -> Iterator[int]:
+    """Insert ``count`` pending orders at once; yield their ids in order."""
+    with engine.begin() as conn:
+        ids = sorted(conn.execute(text(_NEW_ORDERS), {"count": count}).scalars())
+    return iter(ids)

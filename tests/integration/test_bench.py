@@ -1,0 +1,66 @@
+"""``python -m bench --quick`` runs every section end to end against the real services.
+
+A smoke test of the benchmark's plumbing (its own database and Redis DB, child processes,
+the table), not of its figures: tiny sizes, one run, no timing asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import PG_SERVER
+
+ROOT = Path(__file__).resolve().parents[2]
+#: A figure each section prints (the start of its row's name).
+SECTION_ROWS = {
+    "request": "confirm via outbox",
+    "relay": "one relay process",
+    "batch": "one relay, batch size",
+    "latency": "relay process (LISTEN/NOTIFY): p50",
+    "backlog": "claim 200 rows beside",
+    "e2e": "commit → finished, 1 worker",
+}
+
+
+def test_quick_benchmark_prints_every_section_and_drops_its_database() -> None:
+    """Exit 0, a row for each section in the table, and its database gone afterwards."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        # The benchmark sets up its own database and broker; it must not need ours.
+        if key not in {"DATABASE_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"}
+    }
+    env["COLUMNS"] = "250"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--quick"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: the benchmark then stops its children and drops its database.
+        process.terminate()
+        stdout, stderr = process.communicate(timeout=30)
+        pytest.fail(f"python -m bench --quick took over 60s:\n{stdout}\n{stderr}")
+    assert 0 == process.returncode, stdout + stderr
+    for section, row in SECTION_ROWS.items():
+        assert any(
+            line.lstrip("│ ").startswith(section) and row in line for line in stdout.splitlines()
+        ), f"no {section!r} row {row!r} in:\n{stdout}"
+    admin = PG_SERVER.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_database WHERE datname = %s",
+            (f"outbox_bench_{process.pid}",),
+        ).fetchone()
+    assert (0,) == left
