@@ -64,7 +64,7 @@ class OutboxSettings:
     #: redelivery can take (the broker's visibility timeout, ``confirm_timeout``): an id
     #: forgotten too early would be applied again if it were delivered again.
     processed_retention: float = DEFAULT_PROCESSED_RETENTION
-    #: Workers record each outbox task's outcome on its row (one UPDATE a run).
+    #: Workers record each outbox task's outcome on its row (batched, off the task's path).
     track_lifecycle: bool = True
     #: Also record when a task starts (a second UPDATE a run), like Celery's
     #: ``task_track_started``; off by default for the same reason.

@@ -221,7 +221,40 @@ def test_an_unreachable_database_is_logged_and_never_fails_the_task(
     finally:
         tracker.disconnect()
     assert (result.state, result.result) == ("SUCCESS", 5)
-    assert "could not record the lifecycle of outbox row 7" in caplog.text
+    assert "could not record the lifecycle of 1 outbox row(s) (ids 7)" in caplog.text
+
+
+def test_outcomes_are_written_in_batches_off_the_tasks_path(
+    lifecycle_app: Celery, engine: Engine, tracker: LifecycleTracker
+) -> None:
+    """A run's end costs the task no statement; the writer stores many outcomes at once."""
+    tracker.disconnect()  # the module's tracker would write these outcomes too
+    tasks = TaskOutbox(lifecycle_app)
+    with Session(engine) as session:
+        for i in range(5):
+            tasks.apply_async("unit.add", args=(i, 1), session=session)
+        session.commit()
+        row_ids = list(session.scalars(select(OutboxMessage.id).order_by(OutboxMessage.id)))
+    statements: list[Any] = []
+
+    def record(*args: Any) -> None:
+        statements.append(args[2])
+
+    writer = LifecycleTracker(engine, flush_interval=3600).connect()
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        for row_id in row_ids:
+            lifecycle_app.tasks["unit.add"].apply(args=(1, 2), headers={ROW_ID_HEADER: row_id})
+        assert [] == statements, "nothing is written while the tasks run"
+        assert 5 == writer.flush()
+        assert 1 == len(statements), "one batched UPDATE for the five outcomes"
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+        writer.disconnect()
+        tracker.connect()
+    with Session(engine) as session:
+        rows = session.scalars(select(OutboxMessage)).all()
+    assert {("SUCCESS", 1)} == {(row.task_state, row.task_runs) for row in rows}
 
 
 def test_settings_switch_tracking_off_and_start_tracking_on() -> None:
