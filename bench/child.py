@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     plain = modes.add_parser("plain")
     plain.add_argument("--count", type=int, required=True)
     plain.add_argument("--task", default="orders.notify_customer")
+    for mode in (relay, plain):
+        mode.add_argument(
+            "--no-events",
+            action="store_true",
+            help="publish without task-sent events (task_send_sent_event=False)",
+        )
     sweep = modes.add_parser("sweep")
     sweep.add_argument("--interval", type=float, default=OutboxSettings().sweep_interval)
     watch = modes.add_parser("watch")
@@ -58,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from bench.celery_app import app as celery_app
+
+    if getattr(args, "no_events", False):
+        celery_app.conf.task_send_sent_event = False
 
     # Like a worker and the relay command: this process never waits for results, so
     # Celery must not subscribe it to every published task's result channel.

@@ -29,6 +29,8 @@ class Sizes:
     request_block: int
     #: Pending rows drained per run (relay throughput).
     relay_rows: int
+    #: Rows per run of the relay-versus-loop comparison without task events.
+    bare_rows: int
     #: Pending rows per run, and the batch sizes tried (batch-size sweep).
     batch_rows: int
     batch_sizes: tuple[int, ...]
@@ -52,6 +54,7 @@ FULL = Sizes(
     warmup_requests=30,
     request_block=25,
     relay_rows=50_000,
+    bare_rows=20_000,
     batch_rows=10_000,
     batch_sizes=(50, 100, 200, 500, 1000),
     latency_rate=200.0,
@@ -67,6 +70,7 @@ QUICK = Sizes(
     warmup_requests=2,
     request_block=5,
     relay_rows=300,
+    bare_rows=200,
     batch_rows=200,
     batch_sizes=(50, 200),
     latency_rate=50.0,

@@ -45,6 +45,7 @@ def relays(
     options: dict[str, Any] | None = None,
     queue: str = DEFAULT_QUEUE,
     consumed: bool = False,
+    events: bool = True,
 ) -> Timed:
     """Fill ``rows`` pending rows and drain them with ``processes`` relay processes at once.
 
@@ -52,6 +53,8 @@ def relays(
     nothing and is not checked.
     """
     extra = ["--batch-size", str(batch_size)] if batch_size else []
+    if not events:
+        extra.append("--no-events")
     # Started first: they import and connect while the rows go in, and wait for "go".
     children = [
         Child.bench(f"relay-{index}", ctx.services.work_dir, "relay", *extra)
@@ -79,13 +82,16 @@ def relays(
     return timed
 
 
-def plain_loop(ctx: Context, count: int, task_name: str = "orders.notify_customer") -> Timed:
+def plain_loop(
+    ctx: Context, count: int, task_name: str = "orders.notify_customer", *, events: bool = True
+) -> Timed:
     """``count`` ``apply_async`` calls in a loop from one process: publishing without the
     outbox, to the same Redis."""
     empty_tables(ctx.engine)
     empty_queue(ctx.redis)
+    extra = [] if events else ["--no-events"]
     child = Child.bench(
-        "plain", ctx.services.work_dir, "plain", "--count", str(count), "--task", task_name
+        "plain", ctx.services.work_dir, "plain", "--count", str(count), "--task", task_name, *extra
     )
     try:
         child.expect("ready")

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SECTION_ROWS = {
     "request": "confirm via outbox",
     "relay": "one relay process",
+    "bare": "ratio relay / plain, no task events",
     "batch": "one relay, batch size",
     "latency": "relay process (LISTEN/NOTIFY): p50",
     "backlog": "claim 200 rows beside",
