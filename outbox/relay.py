@@ -53,11 +53,12 @@ _CLAIM_COLUMNS = (
 )
 
 
-#: Redis commands buffered before kombu sends them: about 50 messages (each an LPUSH, and
-#: a PUBLISH for its task-sent event when events are on). A whole batch in one flush would
-#: make the first message of a 200-row batch wait for the last to be built (~75 ms here);
-#: flushing every 50 messages costs three more round trips a batch (~0.1 ms each).
-PIPELINE_COMMANDS = 100
+#: Messages buffered in a Redis pipeline before it is sent. A whole batch in one flush
+#: would make the first message of a 200-row batch wait for the last to be built (~75 ms
+#: here); flushing every 50 messages costs three more round trips a batch (~0.1 ms each).
+PIPELINE_MESSAGES = 50
+#: kombu's own flush threshold (in Redis commands), set out of reach: the relay flushes.
+_NO_AUTOMATIC_FLUSH = 2**31
 
 
 _NO_CONTEXT = contextlib.nullcontext()
@@ -332,34 +333,43 @@ class Relay:
     def _publish(self, rows: list[_Claimed]) -> _Published:
         """Publish a claimed batch through one producer, pipelined where the transport can.
 
-        kombu buffers a batch's publishes (on Redis, one pipeline: one round trip for the
-        batch instead of one a message) and sends them when the batch closes. A message
-        only counts as published once that flush succeeded; if it fails, the whole batch
-        stays pending and is published again under the same task ids, since kombu cannot
-        say which of the buffered messages got through.
+        On Redis, kombu buffers the publishes in a pipeline, sent every
+        ``PIPELINE_MESSAGES`` messages and at the end: one round trip per chunk instead of
+        one a message. A message counts as published once it is known to be on the broker:
+        when its chunk was sent, or (transports that publish at once) when its publish
+        returned. If sending fails, the messages known to be out are marked and the rest
+        stay pending, to be published again under the same task ids: kombu cannot say
+        which messages of a failed pipeline got through.
         """
         result = _Published()
         sent: list[tuple[_Claimed, Any]] = []
+        # How many of ``sent`` are known to be on the broker.
+        delivered = 0
         try:
             with self.celery_app.producer_or_acquire() as producer:
-                broker_errors = (
-                    BrokerUnavailable,
-                    BatchPublishError,
-                    *producer.connection.connection_errors,
-                )
-                with producer.batch(max_size=PIPELINE_COMMANDS):
+                broker_errors = (BrokerUnavailable, *producer.connection.connection_errors)
+                pipelined = producer.supports_batch_publish
+                # Flushed by hand below, never by kombu on its own, so that every flush
+                # is one this code knows of.
+                with producer.batch(max_size=_NO_AUTOMATIC_FLUSH) as batch:
                     for row in rows:
                         task = self._publish_one(row, producer, result, broker_errors)
                         if task is not None:
                             sent.append((row, task))
+                        if not pipelined:
+                            delivered = len(sent)
+                        elif len(sent) - delivered >= PIPELINE_MESSAGES:
+                            batch.flush()
+                            delivered = len(sent)
+                delivered = len(sent)
         except (BrokerUnavailable, BatchPublishError, _BrokerDownError) as e:
             self._broker_down(e.__cause__ if isinstance(e, _BrokerDownError) else e)
             PUBLISH_FAILURES.labels(reason="broker").inc()
             result.broker_unavailable = True
-            return result
-        self._broker_up()
+        else:
+            self._broker_up()
         now = self._clock()
-        for row, task in sent:
+        for row, task in sent[:delivered]:
             result.ids.append(row.id)
             PUBLISHED.labels(task=row.task_name).inc()
             DISPATCH_LAG.observe(max(0.0, (now - row.available_at).total_seconds()))

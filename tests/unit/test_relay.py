@@ -6,6 +6,7 @@ import logging
 import threading
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -257,3 +258,41 @@ def test_drain_stops_between_batches_when_asked(
     session.commit()
     drained = relay.drain(stop=lambda: True)
     assert (1, 10) == (drained.batches, drained.published)
+
+
+def test_a_broker_failure_mid_batch_marks_the_messages_already_out(
+    tasks: TaskOutbox,
+    session: Session,
+    relay: Relay,
+    celery_app: Celery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transport that publishes at once (the in-memory one, like AMQP): the rows whose
+    publish returned are on the broker and are marked; the rest stay pending, uncharged."""
+    from kombu.exceptions import OperationalError
+    from kombu.transport import memory
+
+    ids = [tasks.apply_async("unit.add", args=(i, 1)).id for i in range(5)]
+    session.commit()
+    put = memory.Channel._put
+    calls = 0
+
+    def fail_on_the_fourth(self: Any, queue: str, message: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise OperationalError("broker went away")
+        put(self, queue, message, **kwargs)
+
+    monkeypatch.setattr(memory.Channel, "_put", fail_on_the_fourth)
+    batch = relay.run_once()
+    assert (batch.claimed, batch.published, batch.failed) == (5, 3, 0)
+    assert batch.broker_unavailable
+    assert ids[:3] == [m["headers"]["id"] for m in drain_queue(celery_app)]
+    rows = {str(row.task_id): row for row in session.scalars(select(OutboxMessage)).all()}
+    for row in rows.values():
+        session.refresh(row)
+    assert [OutboxStatus.DISPATCHED] * 3 + [OutboxStatus.PENDING] * 2 == [
+        rows[task_id].status for task_id in ids
+    ]
+    assert [1, 1, 1, 0, 0] == [rows[task_id].attempts for task_id in ids]
