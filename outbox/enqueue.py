@@ -118,10 +118,11 @@ class TaskOutbox:
                 " store large data in the database and pass its id instead."
             )
         publish = resolved.publish
-        if trace_headers := current_trace_headers():
-            # The caller's trace continues in the worker (outbox.tracing); headers the
-            # caller set win.
-            publish = {**publish, "headers": {**trace_headers, **publish.get("headers", {})}}
+        caller_headers = publish.get("headers", {})
+        if "traceparent" not in caller_headers and (trace_headers := current_trace_headers()):
+            # The caller's trace continues in the worker (outbox.tracing). A caller that
+            # set its own traceparent keeps it, and no tracestate of another trace.
+            publish = {**publish, "headers": {**trace_headers, **caller_headers}}
         task_id = uuid.uuid4()
         values: dict[str, Any] = {
             "task_id": task_id,

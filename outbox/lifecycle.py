@@ -35,7 +35,7 @@ from celery.signals import (
     worker_process_shutdown,
     worker_shutdown,
 )
-from sqlalchemy import Integer, Text, bindparam, func, select, update
+from sqlalchemy import Integer, Text, bindparam, case, func, or_, select, update
 from sqlalchemy.engine import Engine
 
 from outbox.enqueue import utcnow
@@ -104,10 +104,12 @@ class LifecycleTracker:
         self._runs: dict[str, _Run] = {}
         self._pending: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._wake = threading.Event()
         # The writer thread and the process it was started in: a forked child starts its own.
         self._writer: threading.Thread | None = None
         self._writer_pid: int | None = None
+        self._exit_flush_pid: int | None = None
         self._connected = False
 
     def connect(self) -> LifecycleTracker:
@@ -131,10 +133,19 @@ class LifecycleTracker:
         worker_process_shutdown.disconnect(self._on_shutdown)
         worker_shutdown.disconnect(self._on_shutdown)
         self._connected = False
+        self._wake.set()  # the writer thread sees it is disconnected and ends
         self.flush()
 
     def flush(self) -> int:
-        """Write every queued outcome now; return how many rows were written."""
+        """Write every queued outcome now; return how many outcomes were written.
+
+        Writes are serialised: a flush at shutdown waits for the writer thread's batch in
+        flight, then writes what is left, so nothing queued is lost on a graceful stop.
+        """
+        with self._write_lock:
+            return self._flush()
+
+    def _flush(self) -> int:
         with self._lock:
             batch, self._pending = self._pending, []
         if not batch:
@@ -217,22 +228,30 @@ class LifecycleTracker:
         if full:
             self._wake.set()
 
+    def _writer_running(self) -> bool:
+        return (
+            self._writer is not None and self._writer_pid == os.getpid() and self._writer.is_alive()
+        )
+
     def _ensure_writer(self) -> None:
-        if self._writer is not None and self._writer_pid == os.getpid():
+        if self._writer_running():
             return
         with self._lock:
-            if self._writer is not None and self._writer_pid == os.getpid():
+            if self._writer_running():
                 return
             self._writer_pid = os.getpid()
             self._writer = threading.Thread(
                 target=self._write_forever, name="outbox-lifecycle", daemon=True
             )
             self._writer.start()
-            # A daemon thread dies with the interpreter: write the last records first.
-            atexit.register(self.flush)
+            # A daemon thread dies with the interpreter: write the last records first
+            # (registered once per process; a restarted writer reuses it).
+            if self._exit_flush_pid != os.getpid():
+                self._exit_flush_pid = os.getpid()
+                atexit.register(self.flush)
 
     def _write_forever(self) -> None:
-        while True:
+        while self._connected:
             self._wake.wait(self.flush_interval)
             self._wake.clear()
             self.flush()
@@ -245,17 +264,41 @@ class LifecycleTracker:
 
 
 def _record_statement(dialect: str) -> Any:
-    """One UPDATE by primary key, run for a whole batch of outcomes (executemany)."""
+    """One UPDATE by primary key, run for a whole batch of outcomes (executemany).
+
+    Writers in different worker processes commit on their own timers, so an older run's
+    outcome can arrive after a newer one's (a retry that ran in another process): the
+    state and times only move forward, by the time of the event each record reports,
+    while ``task_runs`` counts every run whatever the order.
+    """
+    event_at = func.coalesce(
+        bindparam("finished_at", type_=_t.task_finished_at.type),
+        bindparam("started_at", type_=_t.task_started_at.type),
+    )
+    latest = func.coalesce(_t.task_finished_at, _t.task_started_at)
+    newer = or_(latest.is_(None), latest <= event_at)
+
+    def if_newer(new: Any, column: Any) -> Any:
+        return case((newer, new), else_=column)
+
+    error = bindparam("error", type_=Text())
     statement = (
         update(outbox_table)
         .where(_t.id == bindparam("row_id"))
         .values(
-            task_state=bindparam("state"),
-            task_started_at=bindparam("started_at", type_=outbox_table.c.task_started_at.type),
-            task_finished_at=bindparam("finished_at", type_=outbox_table.c.task_finished_at.type),
-            # Only replaced by a newer error: a task that succeeded on its second run
-            # still shows why the first one was retried.
-            task_error=func.coalesce(bindparam("error", type_=Text()), _t.task_error),
+            task_state=if_newer(bindparam("state", type_=_t.task_state.type), _t.task_state),
+            task_started_at=if_newer(
+                bindparam("started_at", type_=_t.task_started_at.type), _t.task_started_at
+            ),
+            task_finished_at=if_newer(
+                bindparam("finished_at", type_=_t.task_finished_at.type), _t.task_finished_at
+            ),
+            # The newest error wins, but no error does not erase one: a task that
+            # succeeded on its second run still shows why the first one was retried.
+            task_error=case(
+                (newer, func.coalesce(error, _t.task_error)),
+                else_=func.coalesce(_t.task_error, error),
+            ),
             task_runs=_t.task_runs + bindparam("ran", type_=Integer()),
         )
     )

@@ -26,6 +26,8 @@ from typing import Any
 from celery import Task
 from celery.signals import task_postrun, task_prerun
 
+from outbox.errors import OutboxError
+
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import propagate, trace
@@ -72,6 +74,11 @@ class TaskSpans:
     """Worker signal handlers: one span per task that carries a stored trace context."""
 
     def __init__(self, tracer_provider: Any = None) -> None:
+        if trace is None:
+            raise OutboxError(
+                "task spans need OpenTelemetry: install celery-outbox[tracing] "
+                "(opentelemetry-api) and an SDK to export the spans."
+            )
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         # task id -> (span, context token); a thread pool runs tasks side by side.
         self._open: dict[str, tuple[Any, object]] = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +41,8 @@ from outbox.schema import OutboxStatus
 from outbox.search import TaskSearch, find_tasks, latest_dead, parse_search
 from outbox.serialization import from_wire
 from outbox.stats import OutboxStats, collect_stats
+
+logger = logging.getLogger(__name__)
 
 BASIC_AUTH_KEY = "OUTBOX_DASHBOARD_BASIC_AUTH"
 #: Dead rows listed on the page, newest first.
@@ -59,7 +62,13 @@ def dashboard_blueprint(url_prefix: str = "/outbox") -> Blueprint:
     @bp.record_once
     def _check_settings(setup: Any) -> None:
         # A malformed value fails at start-up rather than at the first visit.
-        basic_auth_users(setup.app.config)
+        if not basic_auth_users(setup.app.config) and not setup.app.testing:
+            logger.warning(
+                "%s is not set: the outbox dashboard at %s is open to anyone who can reach "
+                "this app (set it to user:password, as for Flower)",
+                BASIC_AUTH_KEY,
+                url_prefix,
+            )
 
     @bp.before_request
     def _require_credentials() -> Response | None:

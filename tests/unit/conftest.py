@@ -37,6 +37,10 @@ def _no_broker_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     # Celery lets CELERY_BROKER_URL override a broker= argument; unit tests use memory://.
     monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
     monkeypatch.delenv("CELERY_RESULT_BACKEND", raising=False)
+    # The example app copies OUTBOX_* variables into its config: a developer's own must
+    # not change what unit tests see.
+    for name in ("OUTBOX_DASHBOARD_BASIC_AUTH", "OUTBOX_FLOWER_URL"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(autouse=True)

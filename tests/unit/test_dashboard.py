@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import logging
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -278,3 +279,19 @@ def test_any_app_with_the_extension_can_mount_the_dashboard(
     assert 200 == response.status_code
     assert '<span class="app">shop</span>' in response.text
     assert 'action="/ops/outbox"' in response.text
+
+
+def test_an_open_dashboard_is_announced_at_start_up(caplog: pytest.LogCaptureFixture) -> None:
+    from flask import Flask
+
+    from outbox.contrib.dashboard import dashboard_blueprint
+
+    caplog.set_level(logging.WARNING, logger="outbox.contrib.dashboard")
+    open_app = Flask("open")
+    open_app.register_blueprint(dashboard_blueprint())
+    assert "OUTBOX_DASHBOARD_BASIC_AUTH is not set" in caplog.text
+    caplog.clear()
+    protected = Flask("protected")
+    protected.config["OUTBOX_DASHBOARD_BASIC_AUTH"] = "ops:secret"
+    protected.register_blueprint(dashboard_blueprint())
+    assert "" == caplog.text

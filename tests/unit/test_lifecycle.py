@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -194,20 +195,56 @@ def test_track_started_marks_the_row_when_the_run_begins(
 
 
 def test_tasks_not_published_by_the_outbox_cost_no_statement(
-    engine: Engine, lifecycle_app: Celery, embedded_worker: None
+    engine: Engine, lifecycle_app: Celery, tracker: LifecycleTracker, embedded_worker: None
 ) -> None:
-    statements: list[str] = []
+    """A plain task, then an outbox task: once the second is recorded, the first (run
+    before it by the same solo worker) has been through the tracker too, and nothing was
+    written for it."""
+    written: list[Any] = []
 
-    def record(*args: Any) -> None:
-        statements.append(args[2])
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        # The tracker's UPDATE (the relay's mark does not touch task_runs).
+        if statement.lstrip().startswith("UPDATE") and "task_runs" in statement:
+            many = isinstance(parameters, list)
+            written.extend(parameters if many else [parameters])
 
     event.listen(engine, "before_cursor_execute", record)
     try:
         lifecycle_app.tasks["unit.plain"].delay()
         assert PLAIN_RAN.wait(timeout=10)
+        _, row = enqueue_and_publish(engine, lifecycle_app, "unit.add", (1, 2))
+        row_when_reported(engine, "SUCCESS")
     finally:
         event.remove(engine, "before_cursor_execute", record)
-    assert [] == statements
+    assert 1 == len(written), "one outcome written: the outbox task's, none for the plain one"
+    [params] = written
+    assert row.id in tuple(params.values() if isinstance(params, dict) else params)
+
+
+def test_an_older_run_reported_late_does_not_overwrite_a_newer_one(
+    engine: Engine, lifecycle_app: Celery, tracker: LifecycleTracker
+) -> None:
+    """Two worker processes flush on their own timers: a retry's first run can be
+    written after its second. State and times stay the newest; both runs are counted."""
+    tracker.disconnect()
+    _, row = enqueue_and_publish(engine, lifecycle_app, "unit.add", (1, 2))
+    first, second = (LifecycleTracker(engine, flush_interval=3600) for _ in range(2))
+    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    try:
+        second._queue(
+            row.id, "SUCCESS", t0 + timedelta(seconds=5), t0 + timedelta(seconds=6), None, ran=1
+        )
+        assert 1 == second.flush()
+        first._queue(row.id, "RETRY", t0, t0 + timedelta(seconds=1), "Retry in 5s: boom", ran=1)
+        assert 1 == first.flush()
+    finally:
+        tracker.connect()
+    with Session(engine) as session:
+        stored = session.get(OutboxMessage, row.id)
+        assert stored is not None
+        assert ("SUCCESS", 2) == (stored.task_state, stored.task_runs)
+        assert t0 + timedelta(seconds=6) == stored.task_finished_at
+        assert "Retry in 5s: boom" == stored.task_error, "why it needed a retry is kept"
 
 
 def test_an_unreachable_database_is_logged_and_never_fails_the_task(
@@ -273,8 +310,8 @@ def test_a_flag_that_is_not_one_is_refused() -> None:
         OutboxSettings.from_mapping({"OUTBOX_TRACK_LIFECYCLE": "sometimes"})
 
 
-def test_disabled_tracking_connects_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING)
+def test_disabled_tracking_connects_nothing() -> None:
+    from celery.signals import task_postrun
     from flask import Flask
 
     from outbox.contrib.flask import Outbox
@@ -285,4 +322,6 @@ def test_disabled_tracking_connects_nothing(caplog: pytest.LogCaptureFixture) ->
     app = Flask(__name__)
     app.config["OUTBOX_TRACK_LIFECYCLE"] = False
     ext = Outbox(app, NoDb(), celery=Celery("off", set_as_current=False))
+    receivers = len(task_postrun.receivers)
     assert ext.track_lifecycle(app) is None
+    assert receivers == len(task_postrun.receivers)

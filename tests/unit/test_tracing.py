@@ -63,8 +63,39 @@ def worker_spans(traced_app: Celery, provider: TracerProvider) -> Iterator[None]
         spans.disconnect()
 
 
-def test_no_active_span_stores_no_trace_headers() -> None:
+def test_no_active_span_stores_no_trace_headers(provider: TracerProvider) -> None:
+    with provider.get_tracer("test").start_as_current_span("request"):
+        assert {"traceparent"} <= set(current_trace_headers())
     assert {} == current_trace_headers()
+
+
+def test_the_relay_publishes_each_message_inside_its_stored_context(
+    traced_app: Celery, provider: TracerProvider, tmp_path: Path
+) -> None:
+    """What lets opentelemetry-instrumentation-celery's publish span join the request's
+    trace: during the publish, the stored context is the current one."""
+    from celery.signals import before_task_publish
+    from opentelemetry import trace
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    create_tables(engine)
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("request") as request_span, Session(engine) as session:
+        TaskOutbox(traced_app).apply_async("unit.traced", session=session)
+        session.commit()
+    seen: list[int] = []
+
+    def current_trace(**_: Any) -> None:
+        seen.append(trace.get_current_span().get_span_context().trace_id)
+
+    before_task_publish.connect(current_trace, weak=False)
+    try:
+        assert 1 == Relay(engine, traced_app).run_once().published
+    finally:
+        before_task_publish.disconnect(current_trace)
+    assert [request_span.get_span_context().trace_id] == seen
+    assert 0 == trace.get_current_span().get_span_context().trace_id, "and detached after"
+    engine.dispose()
 
 
 def test_the_task_span_is_a_child_of_the_request_that_enqueued_it(
@@ -119,4 +150,5 @@ def test_headers_the_caller_sets_win_over_the_stored_trace(
     with Session(engine) as session:
         stored: dict[str, Any] = session.scalars(select(OutboxMessage.options)).one()
     assert mine == stored["headers"]["traceparent"]
+    assert "tracestate" not in stored["headers"], "no state of another trace"
     engine.dispose()
