@@ -66,8 +66,8 @@ class OutboxSettings:
     processed_retention: float = DEFAULT_PROCESSED_RETENTION
     #: Workers record each outbox task's outcome on its row (batched, off the task's path).
     track_lifecycle: bool = True
-    #: Also record when a task starts (a second UPDATE a run), like Celery's
-    #: ``task_track_started``; off by default for the same reason.
+    #: Also record when a task starts, like Celery's ``task_track_started``: a second
+    #: UPDATE a run, written before the task starts, so it is off by default.
     track_started: bool = False
 
     def __post_init__(self) -> None:

@@ -12,8 +12,9 @@ published with it; in the worker it becomes the parent of the task's span again.
 - Without that instrumentation, :func:`trace_tasks` starts a span per outbox task in the
   worker, with the stored context as its parent. Use one or the other, not both.
 
-Everything here is a no-op when ``opentelemetry-api`` is not installed (the ``tracing``
-extra installs it).
+Without ``opentelemetry-api`` (the ``tracing`` extra installs it), capturing and
+publishing are no-ops and :func:`trace_tasks` returns ``None``; building
+:class:`TaskSpans` directly says what to install.
 """
 
 from __future__ import annotations
