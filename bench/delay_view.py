@@ -11,13 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint
-from sqlalchemy import update
 
 from tasks.orders import notify_customer, prepare_shipment, reserve_stock
-from webapp.errors import ApiError
 from webapp.extensions import db
-from webapp.models import Order, OrderStatus, utcnow
-from webapp.orders import MAX_ID, _get_order, _order_json
+from webapp.orders import _get_order, _order_json, mark_confirmed
 
 bp = Blueprint("bench_delay", __name__)
 
@@ -27,21 +24,7 @@ CONFIRM_WITH_DELAY = "/bench/orders/{order_id}/confirm-with-delay"
 
 @bp.post("/bench/orders/<int:order_id>/confirm-with-delay")
 def confirm_with_delay(order_id: int) -> dict[str, Any]:
-    if order_id > MAX_ID:
-        raise ApiError(404, "not_found", f"order {order_id} does not exist.")
-    changed = db.session.execute(
-        update(Order)
-        .where(Order.id == order_id, Order.status == OrderStatus.PENDING.value)
-        .values(status=OrderStatus.CONFIRMED.value, confirmed_at=utcnow())
-    ).rowcount  # type: ignore[attr-defined]
-    if not changed:
-        order = _get_order(order_id)
-        db.session.rollback()
-        raise ApiError(
-            409,
-            "conflict",
-            f"order {order_id} is {order.status!r}; only a pending order can be confirmed.",
-        )
+    mark_confirmed(order_id)
     db.session.commit()
     tasks = {
         "notification": notify_customer.delay(order_id).id,

@@ -49,10 +49,24 @@ def get_order(order_id: int) -> dict[str, Any]:
 
 @bp.post("/orders/<int:order_id>/confirm")
 def confirm_order(order_id: int) -> dict[str, Any]:
+    mark_confirmed(order_id)
+    tasks = {
+        "notification": outbox.delay(notify_customer, order_id).id,
+        "reservation": outbox.delay(reserve_stock, order_id).id,
+        "shipment": outbox.delay(prepare_shipment, order_id).id,
+    }
+    db.session.commit()
+    return {**_order_json(_get_order(order_id)), "tasks": tasks}
+
+
+def mark_confirmed(order_id: int) -> None:
+    """Confirm a pending order in the session's transaction, or raise 404 / 409.
+
+    A conditional UPDATE is the state check and the lock in one statement: of two
+    concurrent confirmations exactly one sees a row change, so tasks are enqueued once.
+    """
     if order_id > MAX_ID:
         raise ApiError(404, "not_found", f"order {order_id} does not exist.")
-    # A conditional UPDATE is the state check and the lock in one statement: of two
-    # concurrent confirmations exactly one sees a row change, so tasks are enqueued once.
     changed = db.session.execute(
         update(Order)
         .where(Order.id == order_id, Order.status == OrderStatus.PENDING.value)
@@ -66,13 +80,6 @@ def confirm_order(order_id: int) -> dict[str, Any]:
             "conflict",
             f"order {order_id} is {order.status!r}; only a pending order can be confirmed.",
         )
-    tasks = {
-        "notification": outbox.delay(notify_customer, order_id).id,
-        "reservation": outbox.delay(reserve_stock, order_id).id,
-        "shipment": outbox.delay(prepare_shipment, order_id).id,
-    }
-    db.session.commit()
-    return {**_order_json(_get_order(order_id)), "tasks": tasks}
 
 
 def _get_order(order_id: int) -> Order:
