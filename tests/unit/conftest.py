@@ -50,10 +50,22 @@ def _empty_memory_broker() -> None:
     memory.Channel.queues.clear()
 
 
+def memory_app(name: str) -> Celery:
+    """A Celery app on kombu's in-memory broker, JSON only."""
+    app = Celery(name, broker="memory://", set_as_current=False)
+    # The in-memory broker is polled: an embedded worker polls often, so tests don't
+    # wait a second a task.
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={"polling_interval": 0.02},
+    )
+    return app
+
+
 @pytest.fixture
 def celery_app() -> Celery:
-    app = Celery("unit", broker="memory://", set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"])
+    app = memory_app("unit")
 
     @app.task(name="unit.add", shared=False)
     def add(x: int, y: int) -> int:

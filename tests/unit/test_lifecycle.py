@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from outbox import OutboxMessage, OutboxSettings, Relay, TaskOutbox, create_tables, outbox_table
 from outbox.lifecycle import ROW_ID_HEADER, LifecycleTracker
 from tests.services import wait_for
-from tests.unit.conftest import drain_queue
+from tests.unit.conftest import drain_queue, memory_app
 
 #: Set by ``unit.plain`` when a worker ran it.
 PLAIN_RAN = threading.Event()
@@ -37,13 +37,7 @@ def lifecycle_app() -> Iterator[Celery]:
 
 
 def _lifecycle_app() -> Celery:
-    app = Celery("lifecycle", broker="memory://", set_as_current=False)
-    # The in-memory broker is polled: poll often so tests don't wait a second a task.
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        broker_transport_options={"polling_interval": 0.02},
-    )
+    app = memory_app("lifecycle")
     runs: dict[str, int] = {}
 
     @app.task(name="unit.add", shared=False)

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from outbox import OutboxMessage, Relay, TaskOutbox, create_tables
 from outbox.tracing import current_trace_headers, trace_tasks
 from tests.services import wait_for
+from tests.unit.conftest import memory_app
 
 RAN = threading.Event()
 
@@ -37,12 +38,7 @@ def provider(exporter: InMemorySpanExporter) -> TracerProvider:
 
 @pytest.fixture
 def traced_app() -> Celery:
-    app = Celery("traced", broker="memory://", set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        broker_transport_options={"polling_interval": 0.02},
-    )
+    app = memory_app("traced")
 
     @app.task(name="unit.traced", shared=False)
     def traced() -> None:
