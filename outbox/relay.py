@@ -13,7 +13,6 @@ row whose transaction committed after a later one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
@@ -59,9 +58,6 @@ _CLAIM_COLUMNS = (
 PIPELINE_MESSAGES = 50
 #: kombu's own flush threshold (in Redis commands), set out of reach: the relay flushes.
 _NO_AUTOMATIC_FLUSH = 2**31
-
-
-_NO_CONTEXT = contextlib.nullcontext()
 #: Longest wait between two redelivery checks of a draining relay (seconds).
 MAX_CONFIRM_CHECK_INTERVAL = 5.0
 
@@ -400,7 +396,7 @@ class Relay:
         # Lets the worker record the task's lifecycle on this row by key (outbox.lifecycle).
         headers = options["headers"] = {**(options.get("headers") or {}), ROW_ID_HEADER: row.id}
         try:
-            with publishing_context(headers) if "traceparent" in headers else _NO_CONTEXT:
+            with publishing_context(headers):
                 task.apply_async(
                     args=from_wire(row.args),
                     kwargs=from_wire(row.kwargs),

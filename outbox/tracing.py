@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from celery import Task
@@ -58,12 +59,22 @@ def current_trace_headers() -> dict[str, str]:
     return {key: value for key, value in carrier.items() if key in TRACE_HEADERS}
 
 
-@contextlib.contextmanager
-def publishing_context(headers: Mapping[str, Any] | None) -> Iterator[None]:
-    """Make the context stored in ``headers`` current while a message is published."""
+def publishing_context(headers: Mapping[str, Any] | None) -> AbstractContextManager[None]:
+    """Make the context stored in ``headers`` current while a message is published.
+
+    Messages without a stored context (most, where nobody traces) get a shared do-nothing
+    context manager: this runs once per published message.
+    """
     if otel_context is None or not headers or "traceparent" not in headers:
-        yield
-        return
+        return _NO_CONTEXT
+    return _attached(headers)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _attached(headers: Mapping[str, Any]) -> Iterator[None]:
     token = otel_context.attach(propagate.extract(headers))
     try:
         yield
