@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery.contrib.testing.worker import start_worker
 from flask import Flask
 from kombu.transport import memory
 from sqlalchemy import Engine, create_engine, func, select
@@ -61,6 +64,23 @@ def memory_app(name: str) -> Celery:
         broker_transport_options={"polling_interval": 0.02},
     )
     return app
+
+
+@contextlib.contextmanager
+def running_worker(app: Celery) -> Iterator[None]:
+    """A real Celery worker in a thread of this process (solo pool), on ``app``'s broker.
+
+    Starting one sets up Celery's logging (root level ERROR, a stderr handler): the root
+    logger is put back afterwards, so later tests still see warnings in ``caplog``.
+    """
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        with start_worker(app, perform_ping_check=False, shutdown_timeout=5):
+            yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
 
 
 @pytest.fixture

@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 from sqlalchemy import Engine, create_engine, delete, event, select
 from sqlalchemy.orm import Session
 
 from outbox import OutboxMessage, OutboxSettings, Relay, TaskOutbox, create_tables, outbox_table
 from outbox.lifecycle import ROW_ID_HEADER, LifecycleTracker
 from tests.services import wait_for
-from tests.unit.conftest import drain_queue, memory_app
+from tests.unit.conftest import drain_queue, memory_app, running_worker
 
 #: Set by ``unit.plain`` when a worker ran it.
 PLAIN_RAN = threading.Event()
@@ -90,7 +89,7 @@ def tracker(lifecycle_engine: Engine) -> Iterator[LifecycleTracker]:
 @pytest.fixture(scope="module")
 def module_worker(lifecycle_app: Celery, tracker: LifecycleTracker) -> Iterator[None]:
     """One embedded worker for the module: starting and stopping one takes seconds."""
-    with start_worker(lifecycle_app, perform_ping_check=False, shutdown_timeout=5):
+    with running_worker(lifecycle_app):
         yield
 
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -19,7 +18,7 @@ from sqlalchemy.orm import Session
 from outbox import OutboxMessage, Relay, TaskOutbox, create_tables
 from outbox.tracing import current_trace_headers, trace_tasks
 from tests.services import wait_for
-from tests.unit.conftest import memory_app
+from tests.unit.conftest import memory_app, running_worker
 
 RAN = threading.Event()
 
@@ -53,7 +52,7 @@ def worker_spans(traced_app: Celery, provider: TracerProvider) -> Iterator[None]
     spans = trace_tasks(provider)
     assert spans is not None
     try:
-        with start_worker(traced_app, perform_ping_check=False, shutdown_timeout=5):
+        with running_worker(traced_app):
             yield
     finally:
         spans.disconnect()
