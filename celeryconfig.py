@@ -6,6 +6,7 @@ from outbox.contrib.celery import (
     SWEEP_QUEUE,
     SWEEP_TASK_NAME,
     periodic_tasks,
+    task_queues,
 )
 from webapp import config
 
@@ -33,8 +34,11 @@ result_expires = 24 * 3600
 worker_send_task_events = True
 task_send_sent_event = True
 
-# Workers consume both queues: `celery -A tasks worker -Q celery,outbox`.
+# Both queues are declared, so a plain `celery -A tasks worker` consumes the sweep's as
+# well as the tasks'. Production can give the sweep a worker of its own
+# (`celery -A tasks worker -Q outbox -c 1`) and the tasks theirs (`-Q celery`).
 task_default_queue = "celery"
+task_queues = task_queues(task_default_queue)
 task_routes = {
     SWEEP_TASK_NAME: {"queue": SWEEP_QUEUE},
     CLEANUP_TASK_NAME: {"queue": SWEEP_QUEUE},

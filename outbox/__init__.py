@@ -4,6 +4,7 @@ Record the task in your own database transaction instead of calling ``.delay()``
 relay publishes it after commit under a task id fixed at enqueue time.
 """
 
+from outbox.confirmation import ConfirmationResult
 from outbox.dead_letters import retry_dead
 from outbox.enqueue import SessionLike, TaskOutbox
 from outbox.errors import (
@@ -15,20 +16,25 @@ from outbox.errors import (
     MissingSessionError,
     OutboxError,
     PayloadTooLargeError,
+    QueueNotDeclaredError,
     TaskNotRegisteredError,
+    UnsupportedDatabaseError,
     UnsupportedOptionError,
 )
+from outbox.heartbeat import RelayKind
 from outbox.idempotency import ProcessedMessage, idempotent
 from outbox.options import SUPPORTED_OPTIONS
 from outbox.relay import BatchResult, DrainResult, Relay
 from outbox.schema import OutboxMessage, OutboxStatus, create_tables, metadata, outbox_table
 from outbox.settings import OutboxSettings
 from outbox.stats import OutboxStats, collect_stats
+from outbox.transient import is_transient_database_error
 
 __all__ = [
     "SUPPORTED_OPTIONS",
     "ArgumentNotSerializableError",
     "BatchResult",
+    "ConfirmationResult",
     "DrainResult",
     "IdempotencyError",
     "InvalidOptionError",
@@ -42,14 +48,18 @@ __all__ = [
     "OutboxStatus",
     "PayloadTooLargeError",
     "ProcessedMessage",
+    "QueueNotDeclaredError",
     "Relay",
+    "RelayKind",
     "SessionLike",
     "TaskNotRegisteredError",
     "TaskOutbox",
+    "UnsupportedDatabaseError",
     "UnsupportedOptionError",
     "collect_stats",
     "create_tables",
     "idempotent",
+    "is_transient_database_error",
     "metadata",
     "outbox_table",
     "retry_dead",

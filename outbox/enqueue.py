@@ -5,19 +5,22 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeAlias
 
 from celery import Celery, Task
 from celery.canvas import Signature
+from celery.exceptions import QueueNotFound
 from celery.result import AsyncResult
 from sqlalchemy import insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, scoped_session
 
+from outbox.clock import utcnow
 from outbox.errors import (
     MissingSessionError,
     PayloadTooLargeError,
+    QueueNotDeclaredError,
     TaskNotRegisteredError,
     UnsupportedOptionError,
 )
@@ -43,10 +46,6 @@ class EnqueuedTask:
     kwargs: dict[str, Any]
     options: dict[str, Any]
     available_at: datetime
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class TaskOutbox:
@@ -109,6 +108,8 @@ class TaskOutbox:
         name = self._registered_name(task)
         now = self._clock()
         resolved = resolve_options(options, now)
+        if not self.celery_app.conf.task_create_missing_queues:
+            self._check_queue(name, resolved.publish, args, kwargs)
         wire_args, args_size = encode(list(args or ()), where="args")
         wire_kwargs, kwargs_size = encode(dict(kwargs or {}), where="kwargs")
         if args_size + kwargs_size > self.settings.max_payload_bytes:
@@ -184,6 +185,25 @@ class TaskOutbox:
                 "the app's `include`) before enqueueing, so the relay and workers know it."
             )
         return name
+
+    def _check_queue(
+        self,
+        name: str,
+        publish: Mapping[str, Any],
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+    ) -> None:
+        """Refuse a task routed to a queue the app does not declare and will not create:
+        the relay could never publish it."""
+        wanted = {"queue": publish["queue"]} if "queue" in publish else {}
+        try:
+            self.celery_app.amqp.router.route(wanted, name, tuple(args or ()), dict(kwargs or {}))
+        except QueueNotFound as e:
+            raise QueueNotDeclaredError(
+                f"task {name!r} would be published to a queue that is not in task_queues "
+                f"({e.args[0] if e.args else e}), and task_create_missing_queues is off: "
+                "declare the queue in task_queues, or route the task to one that is."
+            ) from e
 
     def _session(self) -> SessionLike:
         if self._default_session is None:

@@ -35,6 +35,10 @@ class InvalidOptionError(OutboxError):
     """An ``apply_async`` option has a value the outbox cannot use."""
 
 
+class QueueNotDeclaredError(InvalidOptionError):
+    """The task would go to a queue the Celery app does not declare and will not create."""
+
+
 class MissingSessionError(OutboxError):
     """No database session was given and the outbox has no default session."""
 
@@ -49,3 +53,7 @@ class InvalidSettingError(OutboxError):
 
 class InvalidSearchError(OutboxError):
     """A search text is not a task id or an argument value the outbox can look for."""
+
+
+class UnsupportedDatabaseError(OutboxError):
+    """The outbox's tables are in a database the outbox does not support."""

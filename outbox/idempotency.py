@@ -8,9 +8,14 @@ task's own writes, and commits both at the end:
 - a repeat delivery finds the id already committed and does nothing;
 - two deliveries running at once collide on the primary key; the loser rolls back, its
   effects with it;
-- a task that raises, retries (``self.retry()`` keeps the id) or is killed mid-way
-  commits nothing, so the next delivery runs it in full. That is what makes it safe with
-  ``acks_late=True``.
+- a task that is killed mid-way commits nothing, so the next delivery runs it in full.
+  That is what makes it safe with ``acks_late=True``.
+
+How a run that raises ends depends on why it raised (see :func:`idempotent`): only a
+failure of the task's own is recorded as consumed. A failure of the infrastructure
+(the database unreachable, the connection dropped) is retried, and a task that Celery
+is about to run again (``self.retry()``, ``autoretry_for``, ``Reject(requeue=True)``) is
+left for that run.
 """
 
 from __future__ import annotations
@@ -21,22 +26,32 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from celery import current_task
-from celery.exceptions import Retry
-from sqlalchemy import ColumnElement, Dialect, String, cast, event, func, inspect
+from celery.exceptions import Ignore, Reject, Retry
+from celery.utils.time import get_exponential_backoff_interval
+from kombu.exceptions import OperationalError as BrokerUnavailable
+from sqlalchemy import String, event, inspect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, scoped_session
 
-from outbox.enqueue import utcnow
+from outbox.clock import utcnow
 from outbox.errors import IdempotencyError
 from outbox.schema import Base, UTCDateTime
+from outbox.transient import is_transient_database_error
 
 logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+#: Retries of a run that failed because the database was unreachable, by default.
+DEFAULT_TRANSIENT_RETRIES = 10
+#: Longest pause between two of them (seconds): 1, 2, 4, ... with full jitter, up to this.
+#: Kept under a minute, so a retry waiting in a worker is not taken for a message its
+#: worker died holding by a broker with a one-minute visibility timeout.
+TRANSIENT_BACKOFF_MAX = 30
 
 
 class ProcessedMessage(Base):
@@ -48,36 +63,11 @@ class ProcessedMessage(Base):
     task_name: Mapped[str] = mapped_column(String(255), nullable=False)
     processed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
 
-    @classmethod
-    def task_id_matches(
-        cls, outbox_task_id: ColumnElement[Any], dialect: Dialect
-    ) -> ColumnElement[bool]:
-        """SQL: this row's task id equals an outbox row's UUID ``task_id``.
-
-        Celery task ids are UUID strings with hyphens; the outbox stores a native UUID on
-        PostgreSQL and 32 hex digits on SQLite.
-        """
-        if dialect.name == "sqlite":
-            # Rebuild the hyphenated form from the hex rather than strip the hyphens from
-            # ours, so the comparison can use this table's primary key.
-            hexed = outbox_task_id
-            hyphenated = (
-                func.substr(hexed, 1, 8)
-                + "-"
-                + func.substr(hexed, 9, 4)
-                + "-"
-                + func.substr(hexed, 13, 4)
-                + "-"
-                + func.substr(hexed, 17, 4)
-                + "-"
-                + func.substr(hexed, 21, 12)
-            )
-            return cls.task_id == hyphenated
-        return cls.task_id == cast(outbox_task_id, String)
-
 
 def idempotent(
     session: Callable[[], Session | scoped_session[Session]],
+    *,
+    transient_retries: int = DEFAULT_TRANSIENT_RETRIES,
 ) -> Callable[[Callable[P, R]], Callable[P, R | None]]:
     """Make a Celery task function apply its database effects at most once per task id.
 
@@ -87,15 +77,25 @@ def idempotent(
     if the function tried. A repeat of an id already processed returns ``None`` without
     calling the function.
 
-    A task that raises (other than through ``self.retry()``) commits nothing of its own
-    but is recorded as consumed, as Celery acknowledges it: the outbox does not publish
-    it again. ``self.retry()`` records nothing, so the retry runs.
+    A run that raises commits none of its effects, and then:
+
+    - **the database was unreachable** (a refused, dropped or reset connection; see
+      :func:`outbox.is_transient_database_error`): nothing is recorded, and the task is
+      retried with exponential backoff, up to ``transient_retries`` times (``0``: never);
+      past that it fails unrecorded, and the outbox publishes it again;
+    - **Celery will run it again** (``self.retry()``, an exception in the task's
+      ``autoretry_for`` with retries left, ``Reject(requeue=True)``): nothing is recorded,
+      so that run goes ahead;
+    - **the task failed on its own** (any other exception): it is recorded as consumed,
+      as Celery acknowledges it, and the outbox does not publish it again.
 
     Side effects outside the database cannot join the transaction; make them idempotent
     with the task id too (``self.request.id``), e.g. as the idempotency key of an email or
     payment API, so that a run interrupted after the call and before the commit is
     harmless when it is repeated.
     """
+    if transient_retries < 0:
+        raise ValueError(f"transient_retries={transient_retries!r} must be >= 0")
 
     def decorate(function: Callable[P, R]) -> Callable[P, R | None]:
         @functools.wraps(function)
@@ -118,47 +118,23 @@ def idempotent(
                     "session: they would commit with the task's effects. Commit or roll back "
                     "before the task runs."
                 )
-            marker = ProcessedMessage(
-                task_id=task_id, task_name=current_task.name, processed_at=utcnow()
-            )
-            db.add(marker)
+            name = current_task.name
             try:
-                # Claim the id before doing any work: a concurrent duplicate blocks here
-                # until the first commits, then fails on the primary key.
-                db.flush()
-            except IntegrityError:
-                db.rollback()
-                if not _already_processed(db, task_id):
-                    raise
-                logger.info("task %s[%s] already processed: skipped", current_task.name, task_id)
-                return None
-            transaction = _session(db).get_transaction()
-            try:
-                with _guarded(db):
-                    result = function(*args, **kwargs)
-                _check_still_claimed(db, transaction, marker)
-                db.commit()
-            except IntegrityError:
-                db.rollback()
-                if _already_processed(db, task_id):
-                    logger.info(
-                        "task %s[%s] processed concurrently: skipped", current_task.name, task_id
-                    )
+                return _run_once(db, task_id, name, function, args, kwargs)
+            except BaseException as error:
+                _discard(db)
+                if isinstance(error, IntegrityError) and _processed_meanwhile(db, task_id):
+                    logger.info("task %s[%s] processed concurrently: skipped", name, task_id)
                     return None
+                if not isinstance(error, Exception) or _runs_again(error):
+                    # The process is going down, or Celery runs the task again: nothing
+                    # was consumed.
+                    raise
+                if is_transient_database_error(error):
+                    _retry_later(error, transient_retries)
+                    raise
+                _record_consumed(db, task_id, name)
                 raise
-            except Retry:
-                db.rollback()
-                raise
-            except Exception:
-                db.rollback()
-                _record_consumed(db, task_id, current_task.name)
-                raise
-            except BaseException:
-                # The process is going down (SystemExit, KeyboardInterrupt): nothing was
-                # consumed, and the redelivery should run the task in full.
-                db.rollback()
-                raise
-            return result
 
         # Tells the relay this consumer records what it processed, so a dispatched task
         # that never gets recorded can be presumed lost and published again.
@@ -166,6 +142,97 @@ def idempotent(
         return wrapper
 
     return decorate
+
+
+def _run_once(
+    db: Session | scoped_session[Session],
+    task_id: str,
+    name: str,
+    function: Callable[..., R],
+    args: Any,
+    kwargs: Any,
+) -> R | None:
+    """Claim the id, run the function, commit both; ``None`` if the id was processed."""
+    marker = ProcessedMessage(task_id=task_id, task_name=name, processed_at=utcnow())
+    db.add(marker)
+    try:
+        # Claim the id before doing any work: a concurrent duplicate blocks here until
+        # the first commits, then fails on the primary key.
+        db.flush()
+    except IntegrityError:
+        _discard(db)
+        if not _already_processed(db, task_id):
+            raise
+        logger.info("task %s[%s] already processed: skipped", name, task_id)
+        return None
+    transaction = _session(db).get_transaction()
+    with _guarded(db):
+        result = function(*args, **kwargs)
+    _check_still_claimed(db, transaction, marker)
+    db.commit()
+    return result
+
+
+def _runs_again(error: BaseException) -> bool:
+    """Whether Celery itself will run this task again after ``error``."""
+    if isinstance(error, Retry):
+        return True
+    if isinstance(error, Reject):
+        # A requeued message is delivered again. So is one whose self.retry() could not
+        # reach the broker (Celery then rejects the original): the retry never left, and
+        # the outbox must publish the task again.
+        requeue, reason = getattr(error, "requeue", False), getattr(error, "reason", None)
+        return bool(requeue) or isinstance(reason, BrokerUnavailable)
+    task = _current_task()
+    autoretry_for = tuple(getattr(task, "autoretry_for", ()) or ())
+    if not autoretry_for or isinstance(error, Ignore):
+        return False
+    if isinstance(error, tuple(getattr(task, "dont_autoretry_for", ()) or ())):
+        return False
+    max_retries = task.max_retries
+    return isinstance(error, autoretry_for) and (
+        max_retries is None or task.request.retries < max_retries
+    )
+
+
+def _retry_later(error: Exception, budget: int) -> None:
+    """Retry the current task after a transient database failure, if the budget allows.
+
+    Returns (and the caller re-raises ``error`` unrecorded) once the budget is spent.
+    """
+    task = _current_task()
+    retries = task.request.retries
+    if retries >= budget:
+        logger.warning(
+            "task %s[%s] failed %d times because the database was unreachable: giving up "
+            "on this delivery unrecorded, so the outbox publishes it again",
+            task.name,
+            task.request.id,
+            retries + 1,
+        )
+        return
+    countdown = max(
+        1,
+        get_exponential_backoff_interval(
+            factor=1, retries=retries, maximum=TRANSIENT_BACKOFF_MAX, full_jitter=True
+        ),
+    )
+    logger.warning(
+        "task %s[%s] could not reach the database (%s: %s): retrying in %ds",
+        task.name,
+        task.request.id,
+        type(error).__name__,
+        error,
+        countdown,
+    )
+    had_override = hasattr(task, "override_max_retries")
+    try:
+        raise task.retry(exc=error, countdown=countdown, max_retries=budget)
+    finally:
+        # Task.retry leaves the override on the shared task object; a later run of the
+        # same task must see its own max_retries again.
+        if not had_override and hasattr(task, "override_max_retries"):
+            del task.override_max_retries
 
 
 #: True while an idempotent function runs, so nested ones join its transaction.
@@ -211,16 +278,30 @@ def _session(db: Session | scoped_session[Session]) -> Session:
     return db() if isinstance(db, scoped_session) else db
 
 
+def _discard(db: Session | scoped_session[Session]) -> None:
+    """Roll back whatever the run did; a connection that is already gone is let go of."""
+    try:
+        db.rollback()
+    except Exception:
+        logger.debug("rollback failed; closing the session", exc_info=True)
+        db.close()
+
+
 def _record_consumed(db: Session | scoped_session[Session], task_id: str, name: str) -> None:
-    """Record a task that raised as consumed, in a transaction of its own."""
+    """Record a task that failed on its own as consumed, in a transaction of its own."""
     try:
         db.add(ProcessedMessage(task_id=task_id, task_name=name, processed_at=utcnow()))
         db.commit()
     except IntegrityError:
-        db.rollback()
+        _discard(db)
     except Exception:
-        db.rollback()
+        _discard(db)
         logger.exception("could not record failed task %s[%s] as consumed", name, task_id)
+
+
+def _current_task() -> Any:
+    """The running task object itself, not Celery's proxy to it."""
+    return cast(Any, current_task)._get_current_object()
 
 
 def confirms_processing(task: object) -> bool:
@@ -230,3 +311,12 @@ def confirms_processing(task: object) -> bool:
 
 def _already_processed(db: Session | scoped_session[Session], task_id: str) -> bool:
     return db.get(ProcessedMessage, task_id) is not None
+
+
+def _processed_meanwhile(db: Session | scoped_session[Session], task_id: str) -> bool:
+    """After a failed commit: whether a concurrent delivery recorded the id first."""
+    try:
+        return _already_processed(db, task_id)
+    except Exception:  # the database went away meanwhile: the caller classifies the error
+        _discard(db)
+        return False

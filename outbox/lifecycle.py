@@ -23,7 +23,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Task
@@ -35,11 +35,12 @@ from celery.signals import (
     worker_process_shutdown,
     worker_shutdown,
 )
-from sqlalchemy import Integer, Text, bindparam, case, func, or_, select, update
+from sqlalchemy import Integer, Text, Update, bindparam, case, func, or_, update
 from sqlalchemy.engine import Engine
 
-from outbox.enqueue import utcnow
+from outbox.clock import utcnow
 from outbox.schema import outbox_table
+from outbox.stores import store_for
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,6 @@ DEFAULT_FLUSH_INTERVAL = 0.25
 MAX_BATCH = 500
 
 _t = outbox_table.c
-#: ``synchronous_commit = off`` for the current transaction only (``SET LOCAL``), as an
-#: expression, so it travels inside the UPDATE instead of costing a round trip.
-_ASYNC_COMMIT = select(func.set_config("synchronous_commit", "off", True)).scalar_subquery()
 
 
 @dataclass(slots=True)
@@ -63,6 +61,8 @@ class _Run:
     row_id: int
     started_at: datetime
     error: str | None = None
+    #: When a retry this run asked for is due.
+    retry_eta: datetime | None = None
 
 
 def row_id_of(task: Task) -> int | None:  # type: ignore[type-arg]
@@ -152,7 +152,9 @@ class LifecycleTracker:
             return 0
         try:
             with self._resolve_engine().connect() as conn:
-                conn.execute(_record_statement(conn.dialect.name), batch)
+                # A database crash may lose the last moment's records, never task data.
+                statement = store_for(conn).relaxed_durability(_RECORD_STATEMENT)
+                conn.execute(statement, batch)
                 conn.commit()
         except Exception:
             logger.warning(
@@ -174,7 +176,7 @@ class LifecycleTracker:
         if self.track_started:
             # Written at once (opt-in, like Celery's task_track_started): the point is to
             # see the task running while it runs.
-            self._queue(run.row_id, "STARTED", run.started_at, None, None, ran=0)
+            self._queue(run.row_id, "STARTED", run.started_at, None, None, None, ran=0)
             self.flush()
 
     def _on_failure(self, task_id: str, exception: BaseException, **_: Any) -> None:
@@ -184,13 +186,23 @@ class LifecycleTracker:
         task_id = getattr(request, "id", None)
         if isinstance(task_id, str):
             error = reason if isinstance(reason, str) else f"{type(reason).__name__}: {reason}"
-            self._note_error(task_id, error)
+            self._note_error(task_id, error, retry_eta=self._retry_due(reason))
 
-    def _note_error(self, task_id: str, error: str) -> None:
+    def _retry_due(self, reason: object) -> datetime:
+        """When the retry is due: Celery's ``Retry`` carries its countdown or eta."""
+        when = getattr(reason, "when", None)
+        if isinstance(when, datetime):
+            return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        if isinstance(when, int | float) and not isinstance(when, bool):
+            return self._clock() + timedelta(seconds=float(when))
+        return self._clock()
+
+    def _note_error(self, task_id: str, error: str, *, retry_eta: datetime | None = None) -> None:
         with self._lock:
             run = self._runs.get(task_id)
             if run is not None:
                 run.error = error[:MAX_ERROR_LENGTH]
+                run.retry_eta = retry_eta
 
     def _on_postrun(self, task_id: str, state: str | None = None, **_: Any) -> None:
         with self._lock:
@@ -198,7 +210,8 @@ class LifecycleTracker:
         if run is None:
             return
         state = (state or "UNKNOWN")[:16]
-        self._queue(run.row_id, state, run.started_at, self._clock(), run.error, ran=1)
+        finished_at = self._clock()
+        self._queue(run.row_id, state, run.started_at, finished_at, run.error, run.retry_eta, ran=1)
         self._ensure_writer()
 
     def _on_shutdown(self, **_: Any) -> None:
@@ -211,6 +224,7 @@ class LifecycleTracker:
         started_at: datetime,
         finished_at: datetime | None,
         error: str | None,
+        retry_eta: datetime | None,
         *,
         ran: int,
     ) -> None:
@@ -220,6 +234,7 @@ class LifecycleTracker:
             "started_at": started_at,
             "finished_at": finished_at,
             "error": error,
+            "retry_eta": retry_eta,
             "ran": ran,
         }
         with self._lock:
@@ -263,7 +278,7 @@ class LifecycleTracker:
         return self._engine
 
 
-def _record_statement(dialect: str) -> Any:
+def _record_statement() -> Update:
     """One UPDATE by primary key, run for a whole batch of outcomes (executemany).
 
     Writers in different worker processes commit on their own timers, so an older run's
@@ -282,7 +297,7 @@ def _record_statement(dialect: str) -> Any:
         return case((newer, new), else_=column)
 
     error = bindparam("error", type_=Text())
-    statement = (
+    return (
         update(outbox_table)
         .where(_t.id == bindparam("row_id"))
         .values(
@@ -300,10 +315,12 @@ def _record_statement(dialect: str) -> Any:
                 else_=func.coalesce(_t.task_error, error),
             ),
             task_runs=_t.task_runs + bindparam("ran", type_=Integer()),
+            # A retry's due time belongs to the run that asked for it: the newest wins.
+            task_retry_eta=if_newer(
+                bindparam("retry_eta", type_=_t.task_retry_eta.type), _t.task_retry_eta
+            ),
         )
     )
-    if dialect == "postgresql":
-        # The batch's commit does not wait for the WAL flush: a database crash can lose
-        # the last moment's lifecycle records, never anything the tasks wrote.
-        statement = statement.where(_ASYNC_COMMIT.is_not(None))
-    return statement
+
+
+_RECORD_STATEMENT = _record_statement()

@@ -40,11 +40,12 @@ _GAUGES = (
     "celery_outbox_due",
     "celery_outbox_dead",
     "celery_outbox_oldest_pending_age_seconds",
+    "celery_outbox_relay_last_run_seconds",
 )
 
 
 class OutboxCollector(Collector):
-    """Backlog gauges, computed with one grouped query per scrape."""
+    """Backlog gauges, read at scrape time through indexes only (``outbox.stats``)."""
 
     def __init__(self, engine: Callable[[], Engine], clock: Callable[[], datetime]) -> None:
         self._engine = engine
@@ -71,6 +72,13 @@ class OutboxCollector(Collector):
             "Seconds the oldest due pending row has waited since it became due.",
             value=stats.oldest_pending_age_seconds or 0.0,
         )
+        if stats.last_relay_run_seconds_ago is not None:
+            # Absent until a relay has run: alert on its absence as well as its size.
+            yield GaugeMetricFamily(
+                "celery_outbox_relay_last_run_seconds",
+                "Seconds since any relay or beat sweep last ran.",
+                value=stats.last_relay_run_seconds_ago,
+            )
 
 
 def register_outbox_collector(

@@ -1,6 +1,6 @@
 """A long-running relay: drains as soon as an enqueue commits, polls as a safety net.
 
-On PostgreSQL the loop LISTENs on :data:`~outbox.schema.NOTIFY_CHANNEL`; the outbox
+Where the store can notify (PostgreSQL), the loop LISTENs on its channel; the outbox
 table's trigger notifies when an inserting transaction commits, so a task is published
 within milliseconds of its commit instead of waiting for the next beat sweep. A missed
 notification (the listening connection dropped, a relay restarting) costs at most one
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from outbox.relay import DrainResult, Relay
-from outbox.schema import NOTIFY_CHANNEL
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ class RelayLoop:
 
     ``run_once`` drains once (tests drive the loop with it); ``run`` loops; ``stop`` asks
     the loop to finish the batch in hand and return, which is what SIGTERM should call.
+    ``waiting`` is set while the loop waits for work (listening, where it can), and
+    ``wakeups`` counts why each wait ended (``notified``, ``timeout``), so a caller can
+    tell a loop woken by a commit from one that polled.
     """
 
     def __init__(self, relay: Relay, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
@@ -39,6 +42,8 @@ class RelayLoop:
         self.relay = relay
         self.poll_interval = poll_interval
         self._stopping = threading.Event()
+        self.waiting = threading.Event()
+        self.wakeups: Counter[str] = Counter()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -52,10 +57,19 @@ class RelayLoop:
         # sweep_max_seconds, and SIGTERM should cost at most the batch in hand.
         return self.relay.drain(stop=self._stopping.is_set)
 
-    def run(self, on_drain: Callable[[DrainResult], None] | None = None) -> None:
-        """Loop until stopped: wait for a notification or the poll interval, then drain."""
+    def run(
+        self,
+        on_drain: Callable[[DrainResult], None] | None = None,
+        *,
+        on_ready: Callable[[str], None] | None = None,
+    ) -> None:
+        """Loop until stopped: wait for a notification or the poll interval, then drain.
+
+        ``on_ready`` is called once, with how the loop waits, when it first waits for
+        work: everything committed before then has been drained.
+        """
         backoff = 0.0
-        with self._listener() as wait:
+        with self._listener() as listener:
             while not self.stopping:
                 committed_before = self.relay.committed_batches
                 try:
@@ -79,11 +93,19 @@ class RelayLoop:
                 if result.batches > 1 and not self.stopping:
                     # The drain stopped on its time budget with work left: go again at once.
                     continue
-                wait(self.poll_interval)
+                if on_ready is not None:
+                    on_ready(listener.describe())
+                    on_ready = None
+                self.waiting.set()
+                try:
+                    self.wakeups[listener.wait(self.poll_interval)] += 1
+                finally:
+                    self.waiting.clear()
 
     def _listener(self) -> _Listener:
-        if self.relay.engine.dialect.name == "postgresql":
-            return _PostgresListener(self)
+        channel = self.relay.store.notify_channel
+        if channel is not None:
+            return _NotifyListener(self, channel)
         return _Listener(self)
 
 
@@ -93,50 +115,60 @@ class _Listener:
     def __init__(self, loop: RelayLoop) -> None:
         self.loop = loop
 
-    def __enter__(self) -> Callable[[float], None]:
-        return self.wait
+    def __enter__(self) -> _Listener:
+        return self
 
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def wait(self, timeout: float) -> None:
-        self.loop._stopping.wait(timeout)
+    def describe(self) -> str:
+        return f"polling every {self.loop.poll_interval:g}s"
+
+    def wait(self, timeout: float) -> str:
+        """Wait up to ``timeout`` seconds; return why the wait ended."""
+        return "stopped" if self.loop._stopping.wait(timeout) else "timeout"
 
 
-class _PostgresListener(_Listener):
+class _NotifyListener(_Listener):
     """Waits on LISTEN; reconnects on the next wait if the connection is lost."""
 
-    def __init__(self, loop: RelayLoop) -> None:
+    def __init__(self, loop: RelayLoop, channel: str) -> None:
         super().__init__(loop)
+        self.channel = channel
         self._conn: Any = None
 
-    def __enter__(self) -> Callable[[float], None]:
+    def __enter__(self) -> _Listener:
         # LISTEN before the first drain, so nothing committed in between goes unnoticed.
         self._connection()
-        return self.wait
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self._close()
 
-    def wait(self, timeout: float) -> None:
+    def describe(self) -> str:
+        if self._conn is None:
+            return f"LISTEN {self.channel} failed, " + super().describe()
+        return f"LISTEN {self.channel}, polling every {self.loop.poll_interval:g}s as well"
+
+    def wait(self, timeout: float) -> str:
         # Wake up at least every half second so stop() is honoured promptly.
         step = min(timeout, 0.5)
         remaining = timeout
         while remaining > 0 and not self.loop.stopping:
             conn = self._connection()
             if conn is None:
-                super().wait(remaining)
-                return
+                return super().wait(remaining)
             try:
                 if any(True for _ in conn.notifies(timeout=step, stop_after=1)):
                     # Swallow the burst that arrived together; one drain serves them all.
                     for _ in conn.notifies(timeout=0.001):
                         pass
-                    return
+                    return "notified"
             except Exception as e:  # the listening connection broke: poll until it is back
                 logger.warning("LISTEN connection lost, polling until it is back: %s", e)
                 self._close()
             remaining -= step
+        return "stopped" if self.loop.stopping else "timeout"
 
     def _connection(self) -> Any:
         if self._conn is not None:
@@ -148,9 +180,9 @@ class _PostgresListener(_Listener):
             # A dedicated connection, detached from the pool: it lives in LISTEN mode.
             raw.detach()
             conn.autocommit = True
-            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            conn.execute(f"LISTEN {self.channel}")
         except Exception as e:
-            logger.warning("cannot LISTEN on %s, polling instead: %s", NOTIFY_CHANNEL, e)
+            logger.warning("cannot LISTEN on %s, polling instead: %s", self.channel, e)
             if conn is not None:
                 conn.close()
             return None

@@ -30,17 +30,20 @@ def purge_outbox(
 ) -> int:
     """Delete rows in ``statuses`` older than ``older_than``; return how many.
 
-    A dispatched row ages from ``dispatched_at``, any other from ``created_at``. Rows
-    still awaiting their consumer's confirmation are kept.
+    A dispatched row ages from ``dispatched_at``, any other from ``created_at``; both are
+    read through a partial index of their status (``ix_celery_outbox_dispatched_at``,
+    ``ix_celery_outbox_dead``). Dispatched rows still awaiting their consumer's
+    confirmation are kept.
     """
     total = 0
     for status in statuses:
-        since = _t.dispatched_at if status == OutboxStatus.DISPATCHED else _t.created_at
-        doomed = (
-            select(_t.id)
-            .where(_t.status == status, since < older_than, _t.confirm_deadline.is_(None))
-            .limit(batch_size)
-        )
+        if status == OutboxStatus.DISPATCHED:
+            since = _t.dispatched_at
+            which = (_t.status == status) & (since < older_than) & _t.confirm_deadline.is_(None)
+        else:
+            since = _t.created_at
+            which = (_t.status == status) & (since < older_than)
+        doomed = select(_t.id).where(which).order_by(since).limit(batch_size)
         statement = delete(outbox_table).where(_t.id.in_(doomed))
         total += _delete_in_batches(engine, statement, progress)
     return total

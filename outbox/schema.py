@@ -115,14 +115,21 @@ class OutboxMessage(Base):
         nullable=False,
         default=OutboxStatus.PENDING,
     )
+    #: Publishes that failed because of the row itself; ``max_attempts`` of them make it
+    #: ``dead``. A broker outage charges nothing.
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    #: Times the row's task was published. More than one means it was published again
+    #: because no consumer confirmed it (``outbox.confirmation``); ``max_deliveries``
+    #: publishes without a confirmation make it ``dead`` until one arrives.
+    deliveries: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     available_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    #: Set when a task with an idempotent consumer is dispatched: if the consumer has not
-    #: recorded the task id as processed by then, the message is presumed lost and the
-    #: row is published again. Cleared once checked.
+    #: Set when a task with an idempotent consumer is dispatched, and moved forward by
+    #: each sign of life (``outbox.confirmation``): if the consumer has not recorded the
+    #: task id as processed by then, the message is presumed lost and the row is
+    #: published again. Cleared once the consumer's record is seen.
     confirm_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The task's life after publishing, reported by the worker (``outbox.lifecycle``):
     # what Flower shows while it still holds the task, kept here as long as the row.
@@ -136,6 +143,9 @@ class OutboxMessage(Base):
     task_error: Mapped[str | None] = mapped_column(Text)
     #: How many times a worker ran the task (retries and redeliveries included).
     task_runs: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    #: When the latest run asked to be retried (``self.retry(countdown=...)``), when that
+    #: retry is due: the task is alive until then, however long the countdown.
+    task_retry_eta: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         # The relay's claim query walks this index in order and stops at the first row
@@ -148,7 +158,17 @@ class OutboxMessage(Base):
             postgresql_where=text("status = 'pending'"),
             sqlite_where=text("status = 'pending'"),
         ),
-        # The retention cleanup deletes the oldest dispatched rows first.
+        # Dead rows: counted, listed newest first, and purged by age, without reading the
+        # dispatched ones.
+        Index(
+            "ix_celery_outbox_dead",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'dead'"),
+            sqlite_where=text("status = 'dead'"),
+        ),
+        # The retention cleanup deletes the oldest dispatched rows first; the rate of the
+        # last minute reads its newest end.
         Index(
             "ix_celery_outbox_dispatched_at",
             "dispatched_at",
@@ -173,6 +193,44 @@ class OutboxMessage(Base):
 
 #: The Core table, for statements that need no ORM objects (the relay's claim and mark).
 outbox_table = cast(Table, OutboxMessage.__table__)
+
+
+class RelayHeartbeat(Base):
+    """When a relay (a sweep in a worker, or ``flask outbox relay``) last ran, per host.
+
+    Nothing publishes the outbox unless one runs, and a stopped relay looks exactly like
+    an idle one from the rows alone: this is how status and health checks tell them apart.
+    """
+
+    __tablename__ = "celery_outbox_relays"
+
+    #: ``kind@hostname``: one row per kind of relay and host, so the table stays small.
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: ``relay`` (the long-running process) or ``sweep`` (the beat-scheduled task).
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class BrokerIdentity(Base):
+    """What the relays last saw of a broker, to notice that it restarted or lost its data.
+
+    ``data_marker`` is a value the relay wrote into the broker: when the broker no longer
+    holds it, the broker lost its data (a restart without persistence, a flush, a
+    failover to an empty replica) and whatever it held must be published again.
+    """
+
+    __tablename__ = "celery_outbox_brokers"
+
+    #: The broker's URL without credentials, e.g. ``redis://127.0.0.1:6379/0``.
+    broker: Mapped[str] = mapped_column(String(255), primary_key=True)
+    data_marker: Mapped[str] = mapped_column(String(64), nullable=False)
+    #: The server's own instance id (Redis ``run_id``), which changes at every restart.
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+relays_table = cast(Table, RelayHeartbeat.__table__)
+brokers_table = cast(Table, BrokerIdentity.__table__)
 
 
 #: The channel a committed enqueue notifies on PostgreSQL (see ``relay_loop``).
@@ -202,5 +260,5 @@ event.listen(outbox_table, "after_create", _notify_trigger)
 
 
 def create_tables(bind: Engine | Connection) -> None:
-    """Create the outbox table and its indexes if they do not exist (idempotent)."""
+    """Create the outbox's tables and indexes if they do not exist (idempotent)."""
     metadata.create_all(bind, checkfirst=True)

@@ -14,7 +14,6 @@ table. It is meant for a person looking for a task, not for application queries.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import uuid
@@ -23,14 +22,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Row, and_, cast, exists, func, or_, select, type_coerce
-from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
+from sqlalchemy import Row, select
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.sql.elements import ColumnElement
 
 from outbox.errors import InvalidSearchError
 from outbox.schema import OutboxStatus, outbox_table
 from outbox.serialization import to_wire
+from outbox.stores import store_for
 
 _t = outbox_table.c
 
@@ -38,7 +36,6 @@ _t = outbox_table.c
 MAX_SEARCH_LENGTH = 200
 #: A JSON number as a person types it (leading zeros and ``+`` allowed).
 _NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?([eE][+-]?\d+)?$")
-_INT64 = range(-(2**63), 2**63)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,17 +91,17 @@ def find_tasks(
             ).one_or_none()
             if row is not None:
                 return [row]
-        matches = _argument_matches(conn, search.values)
+        matches = store_for(conn).argument_matches(_t.args, _t.kwargs, search.values)
         query = select(outbox_table).where(matches).order_by(_t.id.desc()).limit(limit)
         return list(conn.execute(query))
 
 
 def latest_dead(bind: Engine | Connection, *, limit: int = 20) -> list[Row[Any]]:
-    """The most recently enqueued dead rows, newest first."""
+    """The most recently enqueued dead rows, newest first (read from the dead-rows index)."""
     query = (
         select(outbox_table)
         .where(_t.status == OutboxStatus.DEAD)
-        .order_by(_t.id.desc())
+        .order_by(_t.created_at.desc(), _t.id.desc())
         .limit(limit)
     )
     with bind.connect() if isinstance(bind, Engine) else nullcontext(bind) as conn:
@@ -124,42 +121,3 @@ def _number(text: str) -> int | float | None:
         return int(text)
     value = float(text)
     return value if math.isfinite(value) else None
-
-
-def _argument_matches(conn: Connection, values: tuple[Any, ...]) -> ColumnElement[bool]:
-    """SQL: one of the row's positional arguments or keyword-argument values is one of
-    ``values``."""
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
-        # JSONB containment: ``[a, b] @> [b]``. The keyword arguments' values are gathered
-        # into an array first, so both sides match the same way.
-        args = type_coerce(_t.args, JSONB)
-        kwarg_values = func.jsonb_path_query_array(_t.kwargs, cast("$.*", JSONPATH), type_=JSONB)
-        return or_(
-            *(args.contains([value]) for value in values),
-            *(kwarg_values.contains([value]) for value in values),
-        )
-    if dialect == "sqlite":
-        return or_(_sqlite_contains(_t.args, values), _sqlite_contains(_t.kwargs, values))
-    raise InvalidSearchError(
-        f"searching by argument value needs PostgreSQL or SQLite, not {dialect!r}; "
-        "search by task id instead."
-    )
-
-
-def _sqlite_contains(column: Any, values: tuple[Any, ...]) -> ColumnElement[bool]:
-    """SQL: ``json_each(column)`` yields one of ``values`` (an array's items, an object's
-    values), comparing numbers as numbers, text as text and objects as minified JSON."""
-    item = func.json_each(column).table_valued("value", "type").alias("item")
-    conditions = []
-    for value in values:
-        if isinstance(value, str):
-            conditions.append(and_(item.c.type == "text", item.c.value == value))
-        elif isinstance(value, int | float):
-            if isinstance(value, int) and value not in _INT64:
-                value = float(value)  # SQLite reads such JSON numbers as reals too
-            conditions.append(and_(item.c.type.in_(["integer", "real"]), item.c.value == value))
-        else:
-            minified = json.dumps(value, separators=(",", ":"))
-            conditions.append(and_(item.c.type == "object", item.c.value == func.json(minified)))
-    return exists().select_from(item).where(or_(*conditions))

@@ -14,6 +14,7 @@ DEFAULT_BATCH_SIZE = 200
 DEFAULT_SWEEP_INTERVAL = 1.0
 DEFAULT_SWEEP_MAX_SECONDS = 10.0
 DEFAULT_MAX_ATTEMPTS = 10
+DEFAULT_MAX_DELIVERIES = 5
 DEFAULT_RETRY_BACKOFF = 2.0
 DEFAULT_RETRY_BACKOFF_MAX = 600.0
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
@@ -43,8 +44,12 @@ class OutboxSettings:
     #: Upper bound on one sweep's run time, so a huge backlog cannot pin a worker
     #: process: the next sweep continues where this one stopped.
     sweep_max_seconds: float = DEFAULT_SWEEP_MAX_SECONDS
-    #: Publish attempts a row gets before it is marked ``dead``.
+    #: Failed publishes a row gets before it is marked ``dead`` (failures of the row
+    #: itself: a broker outage charges nothing).
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    #: Publishes of a task whose consumer never confirms it before its row is marked
+    #: ``dead`` (``outbox.confirmation``); it comes back if the confirmation arrives later.
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
     #: First retry delay in seconds after a failed publish; doubles per attempt.
     retry_backoff: float = DEFAULT_RETRY_BACKOFF
     #: Ceiling on the retry delay in seconds.
@@ -52,11 +57,12 @@ class OutboxSettings:
     #: Largest serialized args + kwargs accepted at enqueue. Brokers cap message sizes
     #: and big payloads belong in the database, referenced by id.
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
-    #: Seconds an idempotent consumer has to record a dispatched task as processed
-    #: before the outbox presumes the message lost (a broker can drop a message its
-    #: worker died holding) and publishes it again. Set it above the longest queue wait
-    #: plus run time: a redelivery that arrives while the first is still running waits
-    #: for it and is then skipped, but it is wasted work.
+    #: Seconds without any sign of life (dispatch, a recorded start or retry, the broker
+    #: still holding the message) after which a task no idempotent consumer has recorded
+    #: is presumed lost and published again, whatever the broker. Set it above the
+    #: longest queue wait plus run time: a redelivery that arrives while the first is
+    #: still running waits for it and is then skipped, but it is wasted work. On Redis a
+    #: lost message is found much sooner, by looking for it (``outbox.confirmation``).
     confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT
     #: Seconds dispatched rows are kept before the cleanup deletes them.
     retention: float = DEFAULT_RETENTION
@@ -77,6 +83,7 @@ class OutboxSettings:
             self.sweep_max_seconds > 0, "sweep_max_seconds", self.sweep_max_seconds, "> 0 seconds"
         )
         _require(self.max_attempts >= 1, "max_attempts", self.max_attempts, "an integer >= 1")
+        _require(self.max_deliveries >= 1, "max_deliveries", self.max_deliveries, "an integer >= 1")
         _require(self.retry_backoff > 0, "retry_backoff", self.retry_backoff, "> 0 seconds")
         _require(
             self.retry_backoff_max >= self.retry_backoff,
@@ -107,7 +114,7 @@ class OutboxSettings:
                 continue
             raw = config[key]
             if field.type in ("bool", bool):
-                values[field.name] = _boolean(key, raw)
+                values[field.name] = parse_flag(key, raw)
                 continue
             kind = int if field.type in ("int", int) else float
             try:
@@ -127,7 +134,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def _boolean(key: str, raw: object) -> bool:
+def parse_flag(key: str, raw: object) -> bool:
     """A flag from app config or the environment, where it is often a string."""
     if isinstance(raw, bool):
         return raw

@@ -14,7 +14,9 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,18 +25,26 @@ import pytest
 import redis
 from celery import Celery
 from flask import Flask
-from sqlalchemy import Engine, make_url, text
+from sqlalchemy import Engine, insert, make_url, text
 
+from outbox import OutboxStatus, outbox_table
 from tests.conftest import REDIS_DB, RUN_ID
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
-def worker_command(node: str, queues: str) -> list[str]:
-    """``celery -A tasks worker`` for tests: two processes, no chatter between workers."""
+def worker_command(node: str, queues: str | None = None, *, include: str = "") -> list[str]:
+    """``celery -A tasks worker`` for tests: two processes, no chatter between workers.
+
+    Without ``queues`` it consumes what a plain ``celery -A tasks worker`` does: every
+    queue the app declares (the tasks' and the sweep's). ``include`` names more task
+    modules to import.
+    """
     return [
-        sys.executable, "-m", "celery", "-A", "tasks", "worker", "--queues", queues,
+        sys.executable, "-m", "celery", "-A", "tasks", "worker",
+        *(["--queues", queues] if queues else []),
+        *(["--include", include] if include else []),
         "--concurrency", "2", "--loglevel", "INFO", "--hostname", node,
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
@@ -99,6 +109,8 @@ def engine(app: Flask) -> Engine:
 
 @pytest.fixture(scope="session")
 def celery_app(app: Flask) -> Celery:
+    """The example's Celery app, with the tasks only the tests' worker runs registered."""
+    import tests.worker_tasks  # noqa: F401  (registers its tasks on the example's app)
     from tasks import app as celery_app
 
     return celery_app
@@ -116,7 +128,7 @@ def worker(
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            worker_command(node, "celery,outbox"),
+            worker_command(node, include="tests.worker_tasks"),
             cwd=ROOT,
             env=os.environ.copy(),
             stdout=out,
@@ -158,10 +170,34 @@ def empty_tables(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE celery_outbox, celery_outbox_processed, notifications, "
-                "stock_reservations, shipments, orders"
+                "TRUNCATE celery_outbox, celery_outbox_processed, celery_outbox_relays, "
+                "celery_outbox_brokers, notifications, stock_reservations, shipments, orders"
             )
         )
+
+
+def insert_pending_row(
+    engine: Engine, task_name: str, args: list[Any], options: dict[str, Any] | None = None
+) -> uuid.UUID:
+    """A committed pending row written directly, bypassing enqueue's checks: what an
+    older deploy (a task or queue since removed) leaves in the table."""
+    task_id = uuid.uuid4()
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(outbox_table).values(
+                task_id=task_id,
+                task_name=task_name,
+                args=args,
+                kwargs={},
+                options=options or {},
+                status=OutboxStatus.PENDING,
+                attempts=0,
+                created_at=now,
+                available_at=now,
+            )
+        )
+    return task_id
 
 
 #: Figures chaos tests measure, printed as a table at the end of the run.

@@ -36,9 +36,23 @@ def result_backend() -> str:
     return os.environ.get("CELERY_RESULT_BACKEND") or f"file://{var_dir() / 'results'}"
 
 
-#: Redis broker defaults: every socket operation bounded, so a broker that hangs (rather
-#: than refusing connections) cannot hang a publish or a worker.
-REDIS_TRANSPORT_OPTIONS: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5}
+#: Redis broker defaults. Every socket operation is bounded, so a broker that hangs
+#: (rather than refusing connections) cannot hang a publish or a worker. A message whose
+#: worker died holding it (tasks are acknowledged late) goes back to its queue after
+#: ``visibility_timeout`` seconds instead of kombu's hour, and live workers look for such
+#: messages every ``unacked_restore_interval`` seconds (kombu's default scans every
+#: 100 s). The price: a task still running, or a countdown or ETA still waiting in a
+#: worker, after 60 s is delivered again; the idempotent consumer skips the copy, but a
+#: deployment with longer tasks or countdowns must raise the timeout above them.
+REDIS_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 10,
+    "socket_connect_timeout": 5,
+    "visibility_timeout": 60,
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
+    # A worker killed while restoring holds kombu's restore lock until it expires.
+    "unacked_mutex_expire": 30,
+}
 
 
 def broker_transport_options() -> dict[str, Any]:
@@ -100,7 +114,10 @@ def flask_config() -> dict[str, Any]:
 def engine_options(database_uri: str) -> dict[str, Any]:
     """Engine options for the final database URI (after any test overrides)."""
     if not database_uri.startswith("sqlite"):
-        return {}
+        # Test each pooled connection before handing it out: after a database restart
+        # every pooled connection is dead, and without the check each would fail the
+        # request it was given, long after the database is back.
+        return {"pool_pre_ping": True}
     if database_uri.startswith("sqlite:///") and ":memory:" not in database_uri:
         Path(database_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # Web, worker and beat share one file: wait for a lock instead of failing at once.

@@ -6,12 +6,13 @@ health at a glance (the same figures as ``flask outbox status``, judged against
 id or argument value (see :mod:`outbox.search`) showing each task's outbox status and
 what the worker reported about it. The page changes nothing.
 
-Access is set like Flower's ``--basic_auth``: ``OUTBOX_DASHBOARD_BASIC_AUTH`` holds
-``user1:password1,user2:password2`` and the page asks for HTTP basic auth. **When it is
-unset or empty the page is open** to anyone who can reach the app, as Flower is without
-``--basic_auth``: set it, or put the page behind your own authentication, wherever
-others can reach the app. Basic auth sends the password with every request: serve the
-app over HTTPS beyond localhost.
+The page shows task arguments and errors, which are often personal data, so it is
+**closed until it is configured**: without ``OUTBOX_DASHBOARD_BASIC_AUTH`` it answers 403
+with a page saying how to open it. ``OUTBOX_DASHBOARD_BASIC_AUTH`` holds
+``user1:password1,user2:password2`` (Flower's format) and turns on HTTP basic auth; basic
+auth sends the password with every request, so serve the app over HTTPS beyond
+localhost. ``OUTBOX_DASHBOARD_PUBLIC=true`` opens it to anyone who can reach the app
+instead, for a laptop or a page already behind your own authentication.
 
 ``OUTBOX_FLOWER_URL`` (e.g. ``http://127.0.0.1:5555``) links each task id to its Flower
 page. The page is rendered from templates shipped in this package, with inline CSS and
@@ -26,25 +27,33 @@ import hmac
 import json
 import logging
 import secrets
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, render_template, request
 from sqlalchemy import Row
 
+from outbox.clock import utcnow
 from outbox.contrib.flask import EXTENSION_NAME, flower_task_url
-from outbox.contrib.monitoring import DEFAULT_MAX_LAG
-from outbox.enqueue import utcnow
 from outbox.errors import InvalidSearchError, InvalidSettingError
+from outbox.health import DEFAULT_MAX_LAG, assess
 from outbox.schema import OutboxStatus
 from outbox.search import TaskSearch, find_tasks, latest_dead, parse_search
 from outbox.serialization import from_wire
-from outbox.stats import OutboxStats, collect_stats
+from outbox.settings import parse_flag
+from outbox.stats import collect_stats
 
 logger = logging.getLogger(__name__)
 
 BASIC_AUTH_KEY = "OUTBOX_DASHBOARD_BASIC_AUTH"
+PUBLIC_KEY = "OUTBOX_DASHBOARD_PUBLIC"
+#: What a visitor of a dashboard nobody configured reads.
+CLOSED_MESSAGE = (
+    "The outbox dashboard is closed: it shows task arguments and errors, so it opens only "
+    f"once it is configured. Set {BASIC_AUTH_KEY}=user:password (several as "
+    f"user1:password1,user2:password2) to require HTTP basic auth, or {PUBLIC_KEY}=true "
+    "to open it to anyone who can reach this app.\n"
+)
 #: Dead rows listed on the page, newest first.
 DEAD_ROWS_SHOWN = 20
 #: Search results listed, newest first.
@@ -62,18 +71,23 @@ def dashboard_blueprint(url_prefix: str = "/outbox") -> Blueprint:
     @bp.record_once
     def _check_settings(setup: Any) -> None:
         # A malformed value fails at start-up rather than at the first visit.
-        if not basic_auth_users(setup.app.config) and not setup.app.testing:
+        users = basic_auth_users(setup.app.config)
+        if _public(setup.app.config) and not users:
             logger.warning(
-                "%s is not set: the outbox dashboard at %s is open to anyone who can reach "
-                "this app (set it to user:password, as for Flower)",
-                BASIC_AUTH_KEY,
+                "%s=true: the outbox dashboard at %s, with task arguments, is open to anyone "
+                "who can reach this app",
+                PUBLIC_KEY,
                 url_prefix,
             )
 
     @bp.before_request
     def _require_credentials() -> Response | None:
         users = basic_auth_users(current_app.config)
-        if users and not _authorized(users):
+        if not users:
+            if _public(current_app.config):
+                return None
+            return Response(CLOSED_MESSAGE, 403, mimetype="text/plain")
+        if not _authorized(users):
             return Response(
                 "Authentication required.\n",
                 401,
@@ -122,10 +136,10 @@ def dashboard_blueprint(url_prefix: str = "/outbox") -> Blueprint:
             "outbox/dashboard.html",
             app_name=current_app.name,
             now=now,
-            health=Health.judge(stats, max_lag),
+            health=assess(stats, max_lag),
             max_lag=max_lag,
             stats=stats,
-            statuses=[str(status) for status in OutboxStatus],
+            statuses=[str(OutboxStatus.PENDING), str(OutboxStatus.DEAD)],
             dead=dead,
             query=text,
             error=error,
@@ -141,28 +155,6 @@ def dashboard_blueprint(url_prefix: str = "/outbox") -> Blueprint:
         return page, 400 if error else 200
 
     return bp
-
-
-@dataclass(frozen=True, slots=True)
-class Health:
-    """The headline: OK, LAGGING (as ``/healthz`` would fail) or DEAD ROWS."""
-
-    status: str
-    #: Why, in a few words, e.g. "oldest due row waited 75s (limit 60s)".
-    reasons: tuple[str, ...]
-
-    @classmethod
-    def judge(cls, stats: OutboxStats, max_lag: float) -> Health:
-        reasons = []
-        lag = stats.oldest_pending_age_seconds or 0.0
-        lagging = lag > max_lag
-        if lagging:
-            reasons.append(f"oldest due row waited {format_duration(lag)} (limit {max_lag:g}s)")
-        if stats.dead:
-            reasons.append(f"{stats.dead} dead row{'s' if stats.dead != 1 else ''}")
-        # Lag first: it is what /healthz fails on, and it grows by itself.
-        status = "LAGGING" if lagging else "DEAD ROWS" if stats.dead else "OK"
-        return cls(status=status, reasons=tuple(reasons))
 
 
 def basic_auth_users(config: Any) -> tuple[str, ...]:
@@ -184,10 +176,14 @@ def basic_auth_users(config: Any) -> tuple[str, ...]:
             # The value holds passwords: say which entry is wrong, never what it holds.
             raise InvalidSettingError(
                 f"{BASIC_AUTH_KEY}: entry {position} is not user:password; write "
-                "user1:password1,user2:password2 (or leave it unset for an open dashboard)."
+                "user1:password1,user2:password2."
             )
         users.append(entry)
     return tuple(users)
+
+
+def _public(config: Any) -> bool:
+    return parse_flag(PUBLIC_KEY, config.get(PUBLIC_KEY, False))
 
 
 def _authorized(users: tuple[str, ...]) -> bool:

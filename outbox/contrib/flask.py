@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 import uuid
@@ -12,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 import click
 from celery import Celery
@@ -26,10 +25,13 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from sqlalchemy import select
 
+from outbox.clock import utcnow
 from outbox.dead_letters import retry_dead
-from outbox.enqueue import SessionLike, TaskOutbox, TaskRef, utcnow
+from outbox.enqueue import SessionLike, TaskOutbox, TaskRef
 from outbox.errors import OutboxError
-from outbox.idempotency import ProcessedMessage, idempotent
+from outbox.health import DEFAULT_MAX_LAG, assess
+from outbox.heartbeat import RelayKind
+from outbox.idempotency import DEFAULT_TRANSIENT_RETRIES, ProcessedMessage, idempotent
 from outbox.lifecycle import LifecycleTracker
 from outbox.metrics import register_outbox_collector
 from outbox.relay import DrainResult, Relay
@@ -40,9 +42,6 @@ from outbox.settings import OutboxSettings, parse_duration
 from outbox.stats import collect_stats
 
 EXTENSION_NAME = "outbox"
-#: Config key of the relay command's fault-injection point (see ``_with_crash_point``).
-CRASH_AFTER_PUBLISHES_KEY = "OUTBOX_CRASH_AFTER_PUBLISHES"
-CRASH_EXIT_CODE = 70
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,7 +61,9 @@ class _OutboxState:
     def relay(self) -> Relay:
         # db.engine needs an application context, so build the relay on first use.
         if self._relay is None:
-            self._relay = Relay(self.db.engine, self.celery_app, self.settings)
+            self._relay = Relay(
+                self.db.engine, self.celery_app, self.settings, kind=RelayKind.SWEEP
+            )
         return self._relay
 
 
@@ -130,7 +131,8 @@ class Outbox:
 
     @property
     def relay(self) -> Relay:
-        """The current app's relay (needs an application context)."""
+        """The current app's relay, as the beat sweep runs it (needs an application
+        context); ``flask outbox relay`` runs one of its own."""
         return self.state.relay
 
     def delay(self, task: TaskRef, /, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
@@ -163,12 +165,28 @@ class Outbox:
         """Enqueue a signature through the outbox; invisible until commit, gone on rollback."""
         return self.state.tasks.enqueue(signature, session=session)
 
-    def idempotent(self, function: Callable[P, R]) -> Callable[P, R | None]:
+    @overload
+    def idempotent(self, function: Callable[P, R], /) -> Callable[P, R | None]: ...
+
+    @overload
+    def idempotent(
+        self, /, *, transient_retries: int
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]: ...
+
+    def idempotent(
+        self,
+        function: Callable[..., Any] | None = None,
+        /,
+        *,
+        transient_retries: int = DEFAULT_TRANSIENT_RETRIES,
+    ) -> Any:
         """Decorate a task function so its ``db.session`` effects apply once per task id.
 
-        See :func:`outbox.idempotent`; the wrapped function must not commit.
+        ``@outbox.idempotent``, or ``@outbox.idempotent(transient_retries=3)``. See
+        :func:`outbox.idempotent`; the wrapped function must not commit.
         """
-        return idempotent(lambda: self.state.db.session)(function)
+        decorate = idempotent(lambda: self.state.db.session, transient_retries=transient_retries)
+        return decorate if function is None else decorate(function)
 
     def create_tables(self) -> None:
         """Create the outbox table in the app's database if it does not exist."""
@@ -207,7 +225,7 @@ def relay_command(poll_interval: float, metrics_port: int | None, heartbeat: Pat
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
     state: _OutboxState = current_app.extensions[EXTENSION_NAME]
-    relay = _with_crash_point(state.relay, current_app.config.get(CRASH_AFTER_PUBLISHES_KEY))
+    relay = Relay(state.db.engine, state.celery_app, state.settings, kind=RelayKind.RELAY)
     # Like a worker, this process never waits for task results: without this, Celery
     # subscribes it to every published task's result channel (Redis result backend)
     # and the subscriptions only ever grow.
@@ -243,13 +261,14 @@ def relay_command(poll_interval: float, metrics_port: int | None, heartbeat: Pat
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    engine = relay.engine
-    mode = "LISTEN/NOTIFY" if engine.dialect.name == "postgresql" else "polling"
     click.echo(
-        f"relay: publishing from {engine.url.render_as_string(hide_password=True)} "
-        f"({mode}, poll every {poll_interval}s)"
+        "relay: publishing from "
+        f"{relay.engine.url.render_as_string(hide_password=True)} to {relay.probe.name}"
     )
-    loop.run(on_drain=on_drain)
+    loop.run(
+        on_drain=on_drain,
+        on_ready=lambda how: click.echo(f"relay: ready, waiting for commits ({how})"),
+    )
     click.echo("relay: stopped")
 
 
@@ -257,28 +276,6 @@ def flower_task_url(config: Mapping[str, Any], task_id: object) -> str | None:
     """The task's page in Flower when ``OUTBOX_FLOWER_URL`` is set, else ``None``."""
     flower = config.get("OUTBOX_FLOWER_URL")
     return f"{str(flower).rstrip('/')}/task/{task_id}" if flower else None
-
-
-def _with_crash_point(relay: Relay, crash_after: object) -> Relay:
-    """Arm the fault-injection point: exit hard after N messages are published, unmarked.
-
-    Only for crash tests (``OUTBOX_CRASH_AFTER_PUBLISHES``): the process dies between
-    publishing and committing, exactly the window that makes delivery at-least-once.
-    """
-    if crash_after is None:
-        return relay
-    limit = int(str(crash_after))
-    published = 0
-
-    def count_and_maybe_crash() -> None:
-        nonlocal published
-        published += 1
-        if published >= limit:
-            os._exit(CRASH_EXIT_CODE)
-
-    return Relay(
-        relay.engine, relay.celery_app, relay.settings, after_publish=count_and_maybe_crash
-    )
 
 
 @outbox_cli.command("retry-dead")
@@ -371,25 +368,27 @@ def purge_command(older_than: str, statuses: tuple[str, ...], processed: bool) -
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @with_appcontext
 def status_command(as_json: bool) -> None:
-    """Row counts per status and the age of the oldest due pending row."""
+    """Pending, due and dead rows, lag, and whether a relay is running."""
     state: _OutboxState = current_app.extensions[EXTENSION_NAME]
     stats = collect_stats(state.db.engine, utcnow())
+    max_lag = float(current_app.config.get("OUTBOX_HEALTH_MAX_LAG", DEFAULT_MAX_LAG))
+    health = assess(stats, max_lag)
     if as_json:
-        click.echo(json.dumps(stats.as_dict()))
+        click.echo(json.dumps({**stats.as_dict(), "problems": _problems(health)}))
         return
     table = Table(title="celery-outbox")
     table.add_column("status")
     table.add_column("rows", justify="right")
     table.add_row("pending", str(stats.pending))
     table.add_row("  of which due", str(stats.due))
-    table.add_row("dispatched", str(stats.dispatched))
+    table.add_row("dispatched (estimate)", f"~{stats.dispatched_estimate}")
     table.add_row("dead", str(stats.dead), style="red" if stats.dead else None)
     console = Console()
     console.print(table)
     if stats.by_task:
-        per_task = Table(title="per task")
+        per_task = Table(title="pending and dead per task")
         per_task.add_column("task")
-        statuses = [str(status) for status in OutboxStatus]
+        statuses = [str(OutboxStatus.PENDING), str(OutboxStatus.DEAD)]
         for status in statuses:
             per_task.add_column(status, justify="right")
         for name, counts in sorted(stats.by_task.items()):
@@ -398,6 +397,14 @@ def status_command(as_json: bool) -> None:
     age = stats.oldest_pending_age_seconds
     console.print("oldest due pending row: " + ("none" if age is None else f"{age:.1f}s overdue"))
     console.print(f"dispatched in the last minute: {stats.dispatched_last_minute}")
+    for relay in stats.relays:
+        console.print(f"{relay.name} last ran {relay.last_seen_seconds_ago:.1f}s ago")
+    for problem in _problems(health):
+        console.print(f"[bold red]{problem}[/]")
+
+
+def _problems(health: Any) -> list[str]:
+    return [problem for problem in (health.no_relay, health.lagging) if problem]
 
 
 @outbox_cli.command("inspect")
@@ -423,6 +430,7 @@ def inspect_command(task_id: uuid.UUID, as_json: bool) -> None:
         "task_name": row.task_name,
         "status": str(OutboxStatus(row.status)),
         "attempts": row.attempts,
+        "deliveries": row.deliveries,
         "last_error": row.last_error,
         "args": row.args,
         "kwargs": row.kwargs,
@@ -439,6 +447,7 @@ def inspect_command(task_id: uuid.UUID, as_json: bool) -> None:
         "task_started_at": row.task_started_at.isoformat() if row.task_started_at else None,
         "task_finished_at": row.task_finished_at.isoformat() if row.task_finished_at else None,
         "task_error": row.task_error,
+        "task_retry_eta": row.task_retry_eta.isoformat() if row.task_retry_eta else None,
         "flower_url": flower_task_url(current_app.config, task_id),
     }
     if as_json:

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Blueprint, Response, current_app
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from sqlalchemy import text
 
+from outbox.brokers import probe_for
+from outbox.clock import utcnow
 from outbox.contrib.flask import EXTENSION_NAME
-from outbox.enqueue import utcnow
+from outbox.health import DEFAULT_MAX_LAG, assess
 from outbox.metrics import register_outbox_collector
-from outbox.stats import collect_stats
+from outbox.stats import OutboxStats, collect_stats
+from outbox.transient import is_transient_database_error
 
-#: Default ``OUTBOX_HEALTH_MAX_LAG``: seconds the oldest due row may wait before /healthz fails.
-DEFAULT_MAX_LAG = 60.0
-BROKER_CHECK_TIMEOUT = 2.0
+logger = logging.getLogger(__name__)
 
 
 def monitoring_blueprint() -> Blueprint:
-    """A blueprint serving ``/metrics`` (Prometheus) and ``/healthz`` (JSON, 200 or 503)."""
+    """A blueprint serving ``/metrics`` (Prometheus) and ``/healthz`` (JSON, 200 or 503).
+
+    ``/healthz`` answers anyone, so it says which check failed and of what kind
+    (``unreachable``, ``error``), never the exception's text: that goes to the log.
+    """
     bp = Blueprint("outbox_monitoring", __name__)
     registries: dict[int, CollectorRegistry] = {}
 
@@ -46,28 +51,28 @@ def monitoring_blueprint() -> Blueprint:
         state = current_app.extensions[EXTENSION_NAME]
         max_lag = float(current_app.config.get("OUTBOX_HEALTH_MAX_LAG", DEFAULT_MAX_LAG))
         checks: dict[str, Any] = {}
-        healthy = True
+        stats: OutboxStats | None = None
         try:
-            with state.db.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            lag = collect_stats(state.db.engine, utcnow()).oldest_pending_age_seconds or 0.0
+            stats = collect_stats(state.db.engine, utcnow())
             checks["database"] = "ok"
-            checks["outbox_lag_seconds"] = round(lag, 3)
-            if lag > max_lag:
-                healthy = False
-                checks["outbox"] = f"oldest due row waited {lag:.1f}s > {max_lag:g}s"
-            else:
-                checks["outbox"] = "ok"
-        except Exception as e:  # any failure to reach the database is the answer
-            healthy = False
-            checks["database"] = f"{type(e).__name__}: {e}"
-        try:
-            with state.celery_app.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1, timeout=BROKER_CHECK_TIMEOUT)
-            checks["broker"] = "ok"
-        except Exception as e:  # likewise for the broker
-            healthy = False
-            checks["broker"] = f"{type(e).__name__}: {e}"
+        except Exception as e:  # any failure to read the outbox is the answer
+            kind = "unreachable" if is_transient_database_error(e) else "error"
+            logger.warning("/healthz: the database check failed (%s)", kind, exc_info=True)
+            checks["database"] = kind
+        if stats is not None:
+            health = assess(stats, max_lag)
+            checks["outbox"] = health.lagging or "ok"
+            checks["relay"] = health.no_relay or "ok"
+            checks["outbox_lag_seconds"] = round(stats.oldest_pending_age_seconds or 0.0, 3)
+            checks["relay_last_run_seconds_ago"] = (
+                None
+                if stats.last_relay_run_seconds_ago is None
+                else round(stats.last_relay_run_seconds_ago, 1)
+            )
+        checks["broker"] = "ok" if probe_for(state.celery_app).reachable() else "unreachable"
+        healthy = all(
+            checks.get(name) == "ok" for name in ("database", "outbox", "relay", "broker")
+        )
         return {"status": "ok" if healthy else "failing", **checks}, 200 if healthy else 503
 
     return bp

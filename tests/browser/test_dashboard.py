@@ -24,8 +24,8 @@ from playwright.sync_api import Error as PlaywrightError
 from sqlalchemy import Connection, Engine, insert, update
 
 from outbox import OutboxStatus, collect_stats, outbox_table
+from outbox.clock import utcnow
 from outbox.contrib.dashboard import BASIC_AUTH_KEY
-from outbox.enqueue import utcnow
 from outbox.serialization import to_wire
 from tasks.orders import notify_customer
 from webapp.extensions import db, outbox
@@ -87,7 +87,7 @@ def seeded(dashboard_app: Flask, engine: Engine) -> Seeded:
             .values(
                 {
                     "status": OutboxStatus.DISPATCHED,
-                    "attempts": 1,
+                    "deliveries": 1,
                     "created_at": enqueued,
                     "available_at": enqueued,
                     "dispatched_at": now - timedelta(seconds=ago),
@@ -100,6 +100,8 @@ def seeded(dashboard_app: Flask, engine: Engine) -> Seeded:
             )
         )
 
+    with dashboard_app.app_context():
+        outbox.relay.heartbeat.beat(now - timedelta(seconds=0.8))
     with engine.begin() as conn:
         first, third = tasks[orders[0]], tasks[orders[2]]
         ran(conn, first["notification"], 40, 0.21)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,10 @@ FAST_REDELIVERY = {
     "unacked_restore_throttle": 1,
     "unacked_mutex_expire": 3,
 }
+
+
+#: What a Celery worker logs once it consumes.
+READY = re.compile(r"\bready\.")
 
 
 class Process:
@@ -75,19 +80,39 @@ def start_relay(name: str, log_dir: Path, **env: str) -> Process:
 
 
 def start_worker(
-    name: str, queue: str, log_dir: Path, celery_app: Celery, *, ready: bool = True, **env: str
+    name: str,
+    queue: str,
+    log_dir: Path,
+    celery_app: Celery,
+    *,
+    ready: bool = True,
+    ready_in_log: bool = False,
+    **env: str,
 ) -> Process:
-    """A prefork worker on ``queue`` only, with fast redelivery; waits until it answers."""
+    """A prefork worker on ``queue`` only, with fast redelivery.
+
+    With ``ready`` it waits until the worker answers a ping through ``celery_app``'s
+    broker, or with ``ready_in_log`` until it logs that it is ready (a worker on a broker
+    of its own); without either it returns at once.
+    """
     node = f"{name}@localhost"
     args = worker_command(node, queue)
     env = {"CELERY_BROKER_TRANSPORT_OPTIONS": json.dumps(FAST_REDELIVERY), **env}
     process = Process(name, args, env, log_dir)
-    if ready:
-        wait_for(
-            lambda: not process.alive or celery_app.control.ping(destination=[node], timeout=0.5),
-            timeout=60,
-        )
+    try:
+        if ready_in_log:
+            wait_for(lambda: not process.alive or READY.search(process.log()), timeout=60)
+        elif ready:
+            wait_for(
+                lambda: (
+                    not process.alive or celery_app.control.ping(destination=[node], timeout=0.5)
+                ),
+                timeout=60,
+            )
         assert process.alive, process.log()
+    except BaseException:
+        process.kill()
+        raise
     return process
 
 

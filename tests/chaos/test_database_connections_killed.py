@@ -25,6 +25,7 @@ from tests.chaos.checks import (
     outbox_counts,
     queue_drained,
     skipped_duplicates,
+    tally,
 )
 from tests.chaos.processes import start_relay
 from tests.services import ChaosReport, wait_for
@@ -53,7 +54,8 @@ def test_relay_survives_its_database_connections_being_terminated(
     """The relay outlives repeated backend terminations mid-batch; each effect lands once."""
     skipped_before = skipped_duplicates(worker_log)
     received_before = len(RECEIVED.findall(worker_log.read_text(errors="replace")))
-    order_ids = enqueue_orders(engine, celery_app, reserve_stock, ORDERS)
+    orders = enqueue_orders(engine, celery_app, reserve_stock, ORDERS)
+    committed = len(orders.committed)
     database_url = f"{os.environ['DATABASE_URL']}?application_name={APPLICATION_NAME}"
     dead_seen = terminated = kills_with_work_left = 0
 
@@ -83,15 +85,15 @@ def test_relay_survives_its_database_connections_being_terminated(
             nonlocal dead_seen
             counts = outbox_counts(engine)
             dead_seen = max(dead_seen, counts.get("dead", 0))
-            return not relay.alive or {"dispatched": ORDERS} == counts
+            return not relay.alive or {"dispatched": committed} == counts
 
         wait_for(drained, timeout=40)
         assert relay.alive, relay.log()
         drained_at = time.monotonic()
-        wait_for(lambda: len(effects_per_order(engine)) == ORDERS, timeout=60)
+        wait_for(lambda: len(effects_per_order(engine)) == committed, timeout=60)
         wait_for(lambda: queue_drained(redis_client, "celery"), timeout=30)
         # Still working on its own: a task enqueued now is published without any help.
-        [late_order] = enqueue_orders(engine, celery_app, reserve_stock, 1)
+        [late_order] = enqueue_orders(engine, celery_app, reserve_stock, 1).committed
         wait_for(lambda: late_order in effects_per_order(engine), timeout=30)
         assert relay.alive, relay.log()
     finally:
@@ -99,11 +101,13 @@ def test_relay_survives_its_database_connections_being_terminated(
     relay_log = relay.log()
 
     assert 0 == dead_seen
-    assert {"dispatched": ORDERS + 1} == outbox_counts(engine)
-    effects = effects_per_order(engine)
-    assert dict.fromkeys([*order_ids, late_order], 1) == effects
+    assert {"dispatched": committed + 1} == outbox_counts(engine)
+    orders.committed.append(late_order)
+    assert dict.fromkeys(orders.committed, 1) == effects_per_order(engine)
     backoffs = [float(seconds) for seconds in BACKOFF.findall(relay_log)]
-    assert len(backoffs) >= KILLS_WITH_WORK_LEFT, relay_log
+    # Kills of idle pooled connections cost nothing (the pool tests a connection before
+    # handing it out); those that land inside a drain fail it, and it is retried.
+    assert backoffs, relay_log
     # A drain that committed batches before it failed starts the backoff over: repeated
     # kills must not push the relay into ever longer pauses while it is making progress.
     # Without that reset, five kills in a row double it to 1.6 s and beyond.
@@ -112,17 +116,17 @@ def test_relay_survives_its_database_connections_being_terminated(
     received = len(RECEIVED.findall(log_text)) - received_before
     chaos_report.record(
         messages=ORDERS,
+        committed=committed,
+        rolled_back=len(orders.rolled_back),
         faults=f"relay backends terminated in {kills_with_work_left} rounds, "
         f"{KILL_EVERY_SECONDS}s apart, with rows pending",
         terminated_backends=terminated,
         pending_at_last_kill=at_last_kill.get("pending", 0),
         drain_failures_logged=len(backoffs),
         longest_backoff_seconds=max(backoffs),
-        republished=received - (ORDERS + 1),
+        republished=received - (committed + 1),
         skipped_duplicates=skipped_duplicates(worker_log) - skipped_before,
-        lost=ORDERS + 1 - len(effects),
-        phantom=0,
-        duplicate_effects=sum(count - 1 for count in effects.values()),
+        **tally(engine, orders),
         dead=dead_seen,
         kill_seconds=round(last_kill_at - started_at, 1),
         drain_seconds_after_last_kill=round(drained_at - last_kill_at, 1),

@@ -6,18 +6,17 @@ import os
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 from celery import Celery
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from outbox import OutboxStatus, outbox_table
 from tasks.orders import reserve_stock
-from tests.chaos.checks import effects_per_order, enqueue_orders
+from tests.chaos.checks import effects_per_order, enqueue_orders, tally
 from tests.chaos.processes import start_relay
-from tests.services import ROOT, ChaosReport, wait_for
+from tests.services import ROOT, ChaosReport, insert_pending_row, wait_for
 from webapp.models import Order, StockReservation
 
 HEALTHY = 200
@@ -27,27 +26,6 @@ FAST_RETRIES = {
     "OUTBOX_RETRY_BACKOFF": "0.2",
     "OUTBOX_RETRY_BACKOFF_MAX": "0.4",
 }
-
-
-def poison_row(engine: Engine, order_id: int) -> uuid.UUID:
-    """A row for a task no longer registered anywhere, as a deploy that removed it leaves."""
-    task_id = uuid.uuid4()
-    now = datetime.now(UTC)
-    with engine.begin() as conn:
-        conn.execute(
-            insert(outbox_table).values(
-                task_id=task_id,
-                task_name="orders.removed_in_last_deploy",
-                args=[order_id],
-                kwargs={},
-                options={},
-                status=OutboxStatus.PENDING,
-                attempts=0,
-                created_at=now,
-                available_at=now,
-            )
-        )
-    return task_id
 
 
 def row(engine: Engine, task_id: uuid.UUID) -> dict[str, object]:
@@ -68,11 +46,12 @@ def test_poison_row_dies_alone_and_retry_dead_revives_it(
         session.add(poisoned_order)
         session.commit()
         poisoned_order_id = poisoned_order.id
-    poison_id = poison_row(engine, poisoned_order_id)
-    order_ids = enqueue_orders(engine, celery_app, reserve_stock, HEALTHY)
+    poison_id = insert_pending_row(engine, "orders.removed_in_last_deploy", [poisoned_order_id])
+    orders = enqueue_orders(engine, celery_app, reserve_stock, HEALTHY)
+    healthy = len(orders.committed)
     relay = start_relay("relay", tmp_path, OUTBOX_BATCH_SIZE="25", **FAST_RETRIES)
     try:
-        wait_for(lambda: len(effects_per_order(engine)) == HEALTHY, timeout=30)
+        wait_for(lambda: len(effects_per_order(engine)) == healthy, timeout=30)
         wait_for(lambda: row(engine, poison_id)["status"] == OutboxStatus.DEAD, timeout=20)
         dead = row(engine, poison_id)
         assert MAX_ATTEMPTS == dead["attempts"]
@@ -112,18 +91,19 @@ def test_poison_row_dies_alone_and_retry_dead_revives_it(
     assert relay.popen.returncode == 0, relay.log()
     wait_for(lambda: poisoned_order_id in effects_per_order(engine), timeout=20)
     effects = effects_per_order(engine)
-    assert dict.fromkeys([poisoned_order_id, *order_ids], 1) == effects
+    assert dict.fromkeys([poisoned_order_id, *orders.committed], 1) == effects
     with Session(engine) as session:
         applied_by = session.scalar(
             select(StockReservation.task_id).where(StockReservation.order_id == poisoned_order_id)
         )
     assert str(poison_id) == applied_by, "the revived row kept its task id"
+    orders.committed.append(poisoned_order_id)
     chaos_report.record(
         messages=HEALTHY + 1,
+        committed=len(orders.committed),
+        rolled_back=len(orders.rolled_back),
         faults="one row for an unregistered task among healthy rows",
         poison_attempts=dead["attempts"],
         delivered=len(effects),
-        lost=HEALTHY + 1 - len(effects),
-        phantom=0,
-        duplicate_effects=sum(count - 1 for count in effects.values()),
+        **tally(engine, orders),
     )

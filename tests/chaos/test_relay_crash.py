@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import redis
 from celery import Celery
 from sqlalchemy import Engine
 
-from outbox.contrib.flask import CRASH_AFTER_PUBLISHES_KEY, CRASH_EXIT_CODE
 from tasks.orders import reserve_stock
 from tests.chaos.checks import (
     effects_per_order,
@@ -16,8 +16,10 @@ from tests.chaos.checks import (
     outbox_counts,
     queue_drained,
     skipped_duplicates,
+    tally,
 )
-from tests.chaos.processes import start_relay
+from tests.chaos.crashing_relay import EXIT_CODE
+from tests.chaos.processes import Process, start_relay
 from tests.services import ChaosReport, wait_for
 
 ORDERS = 100
@@ -37,28 +39,28 @@ def test_relay_killed_after_publishing_before_marking(
     worker_log: Path,
 ) -> None:
     """The crashed batch stays pending; a new relay republishes it; each effect lands once."""
-    order_ids = enqueue_orders(engine, celery_app, reserve_stock, ORDERS)
+    orders = enqueue_orders(engine, celery_app, reserve_stock, ORDERS)
+    committed = len(orders.committed)
     skipped_before = skipped_duplicates(worker_log)
 
-    crashing = start_relay(
+    crashing = Process(
         "relay-crashing",
+        [sys.executable, "-m", "tests.chaos.crashing_relay", str(CRASH_AFTER)],
+        {"OUTBOX_BATCH_SIZE": str(BATCH_SIZE)},
         tmp_path,
-        OUTBOX_BATCH_SIZE=str(BATCH_SIZE),
-        **{CRASH_AFTER_PUBLISHES_KEY: str(CRASH_AFTER)},
     )
     crashing.popen.wait(timeout=60)
-    assert CRASH_EXIT_CODE == crashing.popen.returncode, crashing.log()
-    assert {"pending": ORDERS} == outbox_counts(engine), "the crashed batch was never marked"
+    assert EXIT_CODE == crashing.popen.returncode, crashing.log()
+    assert {"pending": committed} == outbox_counts(engine), "the crashed batch was never marked"
 
     relay = start_relay("relay", tmp_path, OUTBOX_BATCH_SIZE=str(BATCH_SIZE))
     try:
-        wait_for(lambda: outbox_counts(engine) == {"dispatched": ORDERS}, timeout=30)
+        wait_for(lambda: outbox_counts(engine) == {"dispatched": committed}, timeout=30)
     finally:
         relay.stop()
     wait_for(lambda: queue_drained(redis_client, "celery"), timeout=60)
 
-    effects = effects_per_order(engine)
-    assert dict.fromkeys(order_ids, 1) == effects
+    assert dict.fromkeys(orders.committed, 1) == effects_per_order(engine)
     # Each message the crashed relay got out (its first batch) was delivered twice; the
     # repeat was skipped.
     skipped = wait_for(
@@ -69,8 +71,8 @@ def test_relay_killed_after_publishing_before_marking(
     chaos_report.record(
         messages=ORDERS,
         faults=f"relay exited after publishing a batch of {BATCH_SIZE}, before marking",
+        committed=committed,
+        rolled_back=len(orders.rolled_back),
         redelivered=skipped,
-        lost=ORDERS - len(effects),
-        phantom=0,
-        duplicate_effects=sum(count - 1 for count in effects.values()),
+        **tally(engine, orders),
     )

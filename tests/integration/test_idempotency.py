@@ -6,6 +6,7 @@ import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import redis
 from celery import Celery
 from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.orm import Session
@@ -100,14 +101,16 @@ def lock_waiters(engine: Engine) -> int:
 
 
 def test_redelivery_matches_processed_ids_on_postgres(
-    engine: Engine, celery_app: Celery, worker: str
+    engine: Engine, celery_app: Celery, worker: str, redis_client: redis.Redis
 ) -> None:
-    """A task the worker recorded is confirmed; one that never ran is published again."""
+    """Past the timeout: a task the worker recorded is confirmed, one still queued is given
+    more time, and one the broker no longer holds is published again."""
     order_id = make_order(engine)
     tasks = TaskOutbox(celery_app)
+    queue = f"nobody-{uuid.uuid4().hex[:8]}"
     with Session(engine) as session:
         ran = tasks.apply_async(reserve_stock, args=(order_id,), session=session)
-        lost = tasks.apply_async(reserve_stock, args=(order_id,), queue="nobody", session=session)
+        lost = tasks.apply_async(reserve_stock, args=(order_id,), queue=queue, session=session)
         session.commit()
     relay = Relay(engine, celery_app, OutboxSettings(confirm_timeout=60))
     assert 2 == relay.drain().published
@@ -118,7 +121,16 @@ def test_redelivery_matches_processed_ids_on_postgres(
         OutboxSettings(confirm_timeout=60),
         clock=lambda: datetime.now(UTC) + timedelta(seconds=61),
     )
-    assert 1 == later.redeliver_unconfirmed(), "only the task nobody processed"
+    still_queued = later.confirmation.run_once()
+    assert (1, 1, 0) == (still_queued.confirmed, still_queued.extended, still_queued.republished)
+    redis_client.delete(queue)  # the broker loses the message no worker consumes
+    muchlater = Relay(
+        engine,
+        celery_app,
+        OutboxSettings(confirm_timeout=60),
+        clock=lambda: datetime.now(UTC) + timedelta(seconds=122),
+    )
+    assert 1 == muchlater.confirmation.run_once().republished, "only the task nobody has"
     with engine.connect() as conn:
         statuses = dict(conn.execute(select(outbox_table.c.task_id, outbox_table.c.status)).all())
     assert OutboxStatus.DISPATCHED == statuses[uuid.UUID(ran.id)]

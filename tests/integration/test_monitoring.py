@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import re
+import socket
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from celery import Celery
 from flask import Flask
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, insert, update
 from sqlalchemy.orm import Session
 
 from outbox import Relay, TaskOutbox, outbox_table
+from outbox.schema import relays_table
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def metric(body: str, name: str, labels: str = "", default: float | None = None) -> float:
@@ -50,17 +60,25 @@ def test_metrics_show_the_backlog_and_what_was_published(
     assert 0 == metric(after, "celery_outbox_oldest_pending_age_seconds")
 
 
-def test_healthz_is_ok_with_database_broker_and_a_short_lag(app: Flask) -> None:
-    """All three checks pass: 200 and a JSON body saying so."""
+def test_healthz_is_ok_with_database_broker_a_relay_and_a_short_lag(
+    app: Flask, engine: Engine, celery_app: Celery
+) -> None:
+    """All four checks pass once a relay has run: 200 and a JSON body saying so."""
+    Relay(engine, celery_app).maintain()
     response = app.test_client().get("/healthz")
     assert 200 == response.status_code, response.json
-    assert {"status": "ok", "database": "ok", "broker": "ok", "outbox": "ok"}.items() <= (
-        response.json.items()
-    )
+    assert {
+        "status": "ok",
+        "database": "ok",
+        "broker": "ok",
+        "outbox": "ok",
+        "relay": "ok",
+    }.items() <= response.json.items()
 
 
 def test_healthz_fails_when_the_outbox_lags(app: Flask, engine: Engine, celery_app: Celery) -> None:
     """A due row older than OUTBOX_HEALTH_MAX_LAG makes the check fail with a 503."""
+    Relay(engine, celery_app).maintain()
     enqueue(engine, celery_app, 1)
     with engine.begin() as conn:
         an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
@@ -68,4 +86,40 @@ def test_healthz_fails_when_the_outbox_lags(app: Flask, engine: Engine, celery_a
     response = app.test_client().get("/healthz")
     assert 503 == response.status_code
     assert "failing" == response.json["status"]
-    assert response.json["outbox"].startswith("oldest due row waited 3600")
+    assert response.json["outbox"].startswith("the oldest due row has waited 3600")
+
+
+def test_healthz_says_in_plain_words_when_no_relay_runs(app: Flask, engine: Engine) -> None:
+    """Nothing pending and no relay: /healthz fails on the relay check and says what to do."""
+    response = app.test_client().get("/healthz")
+    assert 503 == response.status_code
+    assert ("ok", "ok") == (response.json["database"], response.json["outbox"])
+    assert response.json["relay"].startswith("no relay or sweep has run yet: start a Celery")
+    with engine.begin() as conn:
+        long_ago = datetime.now(UTC) - timedelta(minutes=5)
+        conn.execute(
+            insert(relays_table).values(name="sweep@gone", kind="sweep", last_seen_at=long_ago)
+        )
+    response = app.test_client().get("/healthz")
+    assert response.json["relay"].startswith("no relay or sweep has run for 300s")
+
+
+def test_healthz_reports_the_kind_of_a_failure_never_its_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unreachable database and broker are reported as such, without exception text."""
+    from webapp import create_app
+
+    # Celery lets this variable override the broker an app is given.
+    monkeypatch.delenv("CELERY_BROKER_URL")
+    closed = f"127.0.0.1:{free_port()}"
+    broken = create_app({"SQLALCHEMY_DATABASE_URI": f"postgresql+psycopg://u:secret@{closed}/x"})
+    broker = Celery("down", broker=f"redis://:secret@{closed}/0", set_as_current=False)
+    broker.conf.broker_transport_options = {"socket_connect_timeout": 1}
+    broken.extensions["outbox"].celery_app = broker
+    response = broken.test_client().get("/healthz")
+    assert 503 == response.status_code
+    assert {"status": "failing", "database": "unreachable", "broker": "unreachable"} == (
+        response.json
+    )
+    assert "secret" not in response.text

@@ -213,9 +213,11 @@ def celery_app(name: str | None) -> Celery:
 
 
 def worker_queues(command: CeleryCommand, app: Celery) -> set[str]:
+    """The queues a worker command consumes: its -Q, else every queue the app declares
+    (Celery's own rule: ``task_queues``, or the default queue when none is declared)."""
     queues = command.parsed.options.get("queues")
     if queues is None:
-        return {app.conf.task_default_queue}
+        return set(app.amqp.queues)
     return {queue.strip() for queue in queues.split(",") if queue.strip()}
 
 

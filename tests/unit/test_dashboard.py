@@ -18,15 +18,18 @@ from flask.testing import FlaskClient
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import update
 
-from outbox import InvalidSettingError, OutboxStatus, outbox_table
+from outbox import InvalidSettingError, OutboxStatus, RelayKind, outbox_table
 from outbox.contrib.dashboard import (
     BASIC_AUTH_KEY,
+    PUBLIC_KEY,
     basic_auth_users,
     dashboard_blueprint,
     format_call,
 )
 from outbox.contrib.flask import Outbox
+from outbox.heartbeat import Heartbeat
 from outbox.serialization import to_wire
+from outbox.stores import store_for
 from webapp import create_app
 from webapp.extensions import db
 
@@ -35,7 +38,16 @@ NEW_ORDER = {"customer_email": "ada@example.com", "items": [{"sku": "BOOK-1", "q
 
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
+    """A client of the example app with its dashboard opened to everyone (as on a laptop)."""
+    app.config[PUBLIC_KEY] = "true"
     return app.test_client()
+
+
+def relay_ran(app: Flask, seconds_ago: float = 1.0) -> None:
+    """Record a relay run, as a sweep or `flask outbox relay` does."""
+    with app.app_context():
+        heartbeat = Heartbeat(db.engine, store_for(db.engine), RelayKind.SWEEP)
+        heartbeat.beat(datetime.now(UTC) - timedelta(seconds=seconds_ago))
 
 
 def confirm_order(client: FlaskClient) -> tuple[int, dict[str, str]]:
@@ -66,8 +78,21 @@ def result_ids(page: str) -> list[str]:
     return re.findall(r'class="task-id mono"[^>]*>([0-9a-f-]{36})<', results)
 
 
-def test_the_dashboard_is_open_without_a_basic_auth_setting(client: FlaskClient) -> None:
-    """Like Flower without --basic_auth: no setting, no login."""
+def test_the_dashboard_is_closed_until_it_is_configured(app: Flask) -> None:
+    """No setting: 403 with how to open it, and no task data on the page."""
+    client = app.test_client()
+    order_id = client.post("/orders", json=NEW_ORDER).json["id"]
+    client.post(f"/orders/{order_id}/confirm")
+    response = client.get("/outbox", query_string={"q": "ada@example.com"})
+    assert 403 == response.status_code
+    assert f"Set {BASIC_AUTH_KEY}=user:password" in response.text
+    assert f"{PUBLIC_KEY}=true" in response.text
+    assert "ada@example.com" not in response.text
+    assert "orders.notify_customer" not in response.text
+
+
+def test_the_public_setting_opens_it_to_everyone(client: FlaskClient) -> None:
+    """OUTBOX_DASHBOARD_PUBLIC=true: no login asked."""
     response = client.get("/outbox")
     assert 200 == response.status_code
     assert "celery-outbox" in response.text
@@ -120,25 +145,39 @@ def test_a_malformed_setting_fails_at_start_up_without_echoing_it(tmp_path: Path
 
 def test_health_cards_show_the_outbox_figures(app: Flask, client: FlaskClient) -> None:
     """Pending, due, dead, last minute's dispatches and the status come from the table."""
+    relay_ran(app)
     _, tasks = confirm_order(client)
     now = datetime.now(UTC)
     set_row(app, tasks["notification"], status=OutboxStatus.DISPATCHED, dispatched_at=now)
     set_row(app, tasks["shipment"], available_at=now + timedelta(hours=1))
     page = client.get("/outbox").text
-    assert ("OK", "2", "1", "0", "1") == tuple(
-        card(page, name) for name in ("health", "pending", "due", "dead", "throughput")
+    assert ("OK", "2", "1", "0", "1", "1.0s ago") == tuple(
+        card(page, name) for name in ("health", "pending", "due", "dead", "throughput", "relay")
     )
     assert "No dead rows." in page
 
 
+def test_no_relay_having_run_is_the_headline(app: Flask, client: FlaskClient) -> None:
+    """Nothing publishes the outbox: NO RELAY, saying what to start, even with nothing due."""
+    page = client.get("/outbox").text
+    assert ("NO RELAY", "never") == (card(page, "health"), card(page, "relay"))
+    assert "no relay or sweep has run yet" in page
+    relay_ran(app, seconds_ago=90)
+    page = client.get("/outbox").text
+    assert "NO RELAY" == card(page, "health")
+    assert "no relay or sweep has run for 90s" in page
+
+
 def test_a_dead_row_is_listed_with_its_error(app: Flask, client: FlaskClient) -> None:
-    """DEAD ROWS status, and the row's task, id, attempts and last error in the list."""
+    """DEAD ROWS status, and the row's task, id, attempts, deliveries, last error."""
+    relay_ran(app)
     _, tasks = confirm_order(client)
     set_row(
         app,
         tasks["reservation"],
         status=OutboxStatus.DEAD,
         attempts=10,
+        deliveries=3,
         last_error="NotRegistered: 'orders.reserve_stock'",
     )
     page = client.get("/outbox").text
@@ -146,11 +185,12 @@ def test_a_dead_row_is_listed_with_its_error(app: Flask, client: FlaskClient) ->
     dead = page.split('id="dead"', 1)[1]
     assert tasks["reservation"] in dead
     assert "NotRegistered: &#39;orders.reserve_stock&#39;" in dead
-    assert '<td class="num">10</td>' in dead
+    assert '<td class="num">10</td>\n          <td class="num">3</td>' in dead
 
 
 def test_a_due_row_older_than_the_health_limit_is_lagging(app: Flask, client: FlaskClient) -> None:
     """The status uses OUTBOX_HEALTH_MAX_LAG, the threshold /healthz fails on."""
+    relay_ran(app)
     _, tasks = confirm_order(client)
     set_row(app, tasks["shipment"], available_at=datetime.now(UTC) - timedelta(seconds=90))
     app.config["OUTBOX_HEALTH_MAX_LAG"] = 120
@@ -158,7 +198,7 @@ def test_a_due_row_older_than_the_health_limit_is_lagging(app: Flask, client: Fl
     app.config["OUTBOX_HEALTH_MAX_LAG"] = 60
     page = client.get("/outbox").text
     assert "LAGGING" == card(page, "health")
-    assert "limit 60s" in page
+    assert "(limit 60s)" in page
 
 
 def test_searching_an_order_id_lists_its_three_tasks(client: FlaskClient) -> None:
@@ -272,6 +312,7 @@ def test_any_app_with_the_extension_can_mount_the_dashboard(
     shop_db = SQLAlchemy()
     shop_db.init_app(shop)
     extension = Outbox(shop, shop_db, celery=celery_app)
+    shop.config[PUBLIC_KEY] = True
     shop.register_blueprint(dashboard_blueprint("ops/outbox/"))
     with shop.app_context():
         extension.create_tables()
@@ -281,17 +322,18 @@ def test_any_app_with_the_extension_can_mount_the_dashboard(
     assert 'action="/ops/outbox"' in response.text
 
 
-def test_an_open_dashboard_is_announced_at_start_up(caplog: pytest.LogCaptureFixture) -> None:
-    from flask import Flask
-
-    from outbox.contrib.dashboard import dashboard_blueprint
-
+def test_a_dashboard_opened_to_everyone_is_announced_at_start_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OUTBOX_DASHBOARD_PUBLIC=true logs a warning; a closed or protected one logs nothing."""
     caplog.set_level(logging.WARNING, logger="outbox.contrib.dashboard")
-    open_app = Flask("open")
-    open_app.register_blueprint(dashboard_blueprint())
-    assert "OUTBOX_DASHBOARD_BASIC_AUTH is not set" in caplog.text
+    public = Flask("public")
+    public.config[PUBLIC_KEY] = "true"
+    public.register_blueprint(dashboard_blueprint())
+    assert "OUTBOX_DASHBOARD_PUBLIC=true: the outbox dashboard at /outbox" in caplog.text
     caplog.clear()
-    protected = Flask("protected")
-    protected.config["OUTBOX_DASHBOARD_BASIC_AUTH"] = "ops:secret"
-    protected.register_blueprint(dashboard_blueprint())
+    for name, config in (("closed", {}), ("protected", {BASIC_AUTH_KEY: "ops:secret"})):
+        app = Flask(name)
+        app.config.update(config)
+        app.register_blueprint(dashboard_blueprint())
     assert "" == caplog.text

@@ -225,10 +225,16 @@ def test_an_older_run_reported_late_does_not_overwrite_a_newer_one(
     t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
     try:
         second._queue(
-            row.id, "SUCCESS", t0 + timedelta(seconds=5), t0 + timedelta(seconds=6), None, ran=1
+            row.id,
+            "SUCCESS",
+            t0 + timedelta(seconds=5),
+            t0 + timedelta(seconds=6),
+            None,
+            None,
+            ran=1,
         )
         assert 1 == second.flush()
-        first._queue(row.id, "RETRY", t0, t0 + timedelta(seconds=1), "Retry in 5s: boom", ran=1)
+        first._queue(row.id, "RETRY", t0, t0 + timedelta(seconds=1), "Retry in 5s: boom", t0, ran=1)
         assert 1 == first.flush()
     finally:
         tracker.connect()

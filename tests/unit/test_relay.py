@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import uuid
@@ -10,10 +11,13 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from kombu.exceptions import OperationalError
+from kombu.transport import memory
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
 from outbox import OutboxMessage, OutboxSettings, OutboxStatus, Relay, TaskOutbox
+from outbox.brokers import OpaqueBrokerProbe
 from tests.unit.conftest import FakeClock, count_rows, drain_queue
 
 
@@ -38,7 +42,7 @@ def test_due_rows_are_published_with_the_enqueued_task_id(
     session.refresh(row)
     assert OutboxStatus.DISPATCHED == row.status
     assert clock.now == row.dispatched_at
-    assert 1 == row.attempts
+    assert (1, 0) == (row.deliveries, row.attempts), "one delivery, no failed attempt"
 
 
 def test_dispatched_rows_are_not_published_again(
@@ -195,6 +199,25 @@ def test_rows_committed_out_of_id_order_are_all_published(
     assert 1 == relay.run_once().published
 
 
+class SwitchableBroker(OpaqueBrokerProbe):
+    """The in-memory broker, made to refuse publishes (and pings) while ``down`` is set."""
+
+    def __init__(self, celery_app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__(celery_app)
+        self.down = False
+        put = memory.Channel._put
+
+        def put_unless_down(channel: Any, queue: str, message: Any, **kwargs: Any) -> None:
+            if self.down:
+                raise OperationalError("Connection refused")
+            put(channel, queue, message, **kwargs)
+
+        monkeypatch.setattr(memory.Channel, "_put", put_unless_down)
+
+    def reachable(self) -> bool:
+        return not self.down
+
+
 def test_an_outage_is_logged_once_and_its_end_once(
     tasks: TaskOutbox,
     session: Session,
@@ -202,19 +225,19 @@ def test_an_outage_is_logged_once_and_its_end_once(
     clock: FakeClock,
     celery_app: Celery,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Repeated runs during one outage log one warning, and recovery logs one more."""
     for i in range(3):
         tasks.delay("unit.add", i, i)
     session.commit()
-    down = Celery("down", broker="redis://127.0.0.1:9/0", set_as_current=False)
-    down.conf.update(task_publish_retry=False, broker_connection_timeout=1)
-    down.task(name="unit.add", shared=False)(_add)
-    relay = Relay(engine, down, clock=clock)
+    broker = SwitchableBroker(celery_app, monkeypatch)
+    relay = Relay(engine, celery_app, clock=clock, probe=broker)
+    broker.down = True
     with caplog.at_level(logging.WARNING, logger="outbox.relay"):
         for _ in range(3):
             assert relay.run_once().broker_unavailable
-        relay.celery_app = celery_app  # the broker is back
+        broker.down = False
         assert 3 == relay.run_once().published
     messages = [record.getMessage() for record in caplog.records]
     assert 2 == len(messages), messages
@@ -263,28 +286,27 @@ def test_drain_stops_between_batches_when_asked(
 def test_a_broker_failure_mid_batch_marks_the_messages_already_out(
     tasks: TaskOutbox,
     session: Session,
-    relay: Relay,
+    engine: Engine,
     celery_app: Celery,
+    clock: FakeClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A transport that publishes at once (the in-memory one, like AMQP): the rows whose
     publish returned are on the broker and are marked; the rest stay pending, uncharged."""
-    from kombu.exceptions import OperationalError
-    from kombu.transport import memory
-
     ids = [tasks.apply_async("unit.add", args=(i, 1)).id for i in range(5)]
     session.commit()
+    broker = SwitchableBroker(celery_app, monkeypatch)
+    relay = Relay(engine, celery_app, clock=clock, probe=broker)
     put = memory.Channel._put
     calls = 0
 
-    def fail_on_the_fourth(self: Any, queue: str, message: Any, **kwargs: Any) -> None:
+    def fail_from_the_fourth(channel: Any, queue: str, message: Any, **kwargs: Any) -> None:
         nonlocal calls
         calls += 1
-        if calls == 4:
-            raise OperationalError("broker went away")
-        put(self, queue, message, **kwargs)
+        broker.down = calls >= 4
+        put(channel, queue, message, **kwargs)
 
-    monkeypatch.setattr(memory.Channel, "_put", fail_on_the_fourth)
+    monkeypatch.setattr(memory.Channel, "_put", fail_from_the_fourth)
     batch = relay.run_once()
     assert (batch.claimed, batch.published, batch.failed) == (5, 3, 0)
     assert batch.broker_unavailable
@@ -295,4 +317,38 @@ def test_a_broker_failure_mid_batch_marks_the_messages_already_out(
     assert [OutboxStatus.DISPATCHED] * 3 + [OutboxStatus.PENDING] * 2 == [
         rows[task_id].status for task_id in ids
     ]
-    assert [1, 1, 1, 0, 0] == [rows[task_id].attempts for task_id in ids]
+    assert [0] * 5 == [rows[task_id].attempts for task_id in ids], "no row was charged"
+
+
+def test_a_connection_error_while_the_broker_answers_is_the_rows(
+    tasks: TaskOutbox,
+    session: Session,
+    relay: Relay,
+    celery_app: Celery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An error the transport lists as a connection error, raised while a fresh connection
+    to the broker works, is charged to its row; the rest of the batch is published."""
+    ids = [tasks.apply_async("unit.add", args=(i, 1)).id for i in range(5)]
+    session.commit()
+    put = memory.Channel._put
+
+    def refuse_the_fourth(channel: Any, queue: str, message: Any, **kwargs: Any) -> None:
+        if '"unit.add"' in json.dumps(message) and "[3, 1]" in json.dumps(message):
+            raise OperationalError("this message cannot be routed")
+        put(channel, queue, message, **kwargs)
+
+    monkeypatch.setattr(memory.Channel, "_put", refuse_the_fourth)
+    batch = relay.run_once()
+    assert (5, 4, 1, False) == (
+        batch.claimed,
+        batch.published,
+        batch.failed,
+        batch.broker_unavailable,
+    )
+    rows = {str(row.task_id): row for row in session.scalars(select(OutboxMessage)).all()}
+    for row in rows.values():
+        session.refresh(row)
+    assert [0, 0, 0, 1, 0] == [rows[task_id].attempts for task_id in ids]
+    assert OutboxStatus.PENDING == rows[ids[3]].status
+    assert "OperationalError: this message cannot be routed" == rows[ids[3]].last_error

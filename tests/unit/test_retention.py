@@ -16,9 +16,11 @@ from outbox import (
     OutboxStatus,
     ProcessedMessage,
     Relay,
+    RelayKind,
     outbox_table,
 )
 from outbox.contrib.celery import register_cleanup_task
+from outbox.heartbeat import Heartbeat, relays_seen
 from outbox.retention import purge_outbox, purge_processed
 from outbox.settings import parse_duration
 from tests.unit.conftest import FakeClock, count_rows
@@ -96,14 +98,19 @@ def test_processed_ids_are_forgotten_after_their_retention(engine: Engine) -> No
 def test_cleanup_task_applies_both_retentions(
     engine: Engine, celery_app: Celery, clock: FakeClock
 ) -> None:
-    """The beat-scheduled cleanup uses the relay's settings and clock."""
+    """The beat-scheduled cleanup uses the relay's settings and clock, and forgets relays
+    not seen for a day."""
     clock.now = NOW
     add_row(engine, OutboxStatus.DISPATCHED, 2 * DAY)
     add_row(engine, OutboxStatus.DISPATCHED, DAY / 2)
     settings = OutboxSettings(retention=DAY.total_seconds())
     relay = Relay(engine, celery_app, settings, clock=clock)
+    Heartbeat(engine, relay.store, RelayKind.SWEEP, hostname="gone").beat(NOW - 2 * DAY)
+    Heartbeat(engine, relay.store, RelayKind.SWEEP, hostname="here").beat(NOW - DAY / 2)
     cleanup = register_cleanup_task(celery_app, relay=lambda: relay)
-    assert {"outbox_rows": 1, "processed_rows": 0} == cleanup.run()
+    assert {"outbox_rows": 1, "processed_rows": 0, "relays_forgotten": 1} == cleanup.run()
+    with engine.connect() as conn:
+        assert ["sweep@here"] == [seen.name for seen in relays_seen(conn)]
 
 
 @pytest.mark.parametrize(

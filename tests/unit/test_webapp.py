@@ -11,7 +11,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from outbox import OutboxMessage, OutboxStatus
-from webapp.extensions import db
+from webapp.extensions import db, outbox
 
 NEW_ORDER = {"customer_email": "ada@example.com", "items": [{"sku": "BOOK-1", "qty": 2}]}
 
@@ -150,10 +150,28 @@ def test_outbox_status_json_counts_rows(client: FlaskClient, app: Flask) -> None
     result = app.test_cli_runner().invoke(args=["outbox", "status", "--json"])
     assert 0 == result.exit_code, result.output
     status: dict[str, Any] = json.loads(result.output)
-    assert {"pending": 3, "due": 3, "dispatched": 0, "dead": 0} == {
-        key: status[key] for key in ("pending", "due", "dispatched", "dead")
+    assert {"pending": 3, "due": 3, "dead": 0} == {
+        key: status[key] for key in ("pending", "due", "dead")
     }
     assert status["oldest_pending_age_seconds"] >= 0
+    # SQLite's estimate is the span of row ids: exact on a table nothing was deleted from.
+    assert 0 == status["dispatched_estimate"]
+
+
+def test_outbox_status_says_when_no_relay_runs(client: FlaskClient, app: Flask) -> None:
+    """With no sweep or relay having run, the status says so and what to start."""
+    result = app.test_cli_runner().invoke(args=["outbox", "status", "--json"])
+    status = json.loads(result.output)
+    assert status["last_relay_run_seconds_ago"] is None
+    [problem] = status["problems"]
+    assert problem.startswith("no relay or sweep has run yet: start a Celery worker")
+    table = app.test_cli_runner().invoke(args=["outbox", "status"]).output
+    assert "no relay or sweep has run yet" in table
+    with app.app_context():
+        outbox.relay.maintain()
+    status = json.loads(app.test_cli_runner().invoke(args=["outbox", "status", "--json"]).output)
+    assert [] == status["problems"]
+    assert ["sweep"] == [relay["kind"] for relay in status["relays"]]
 
 
 def test_outbox_status_table_is_readable(app: Flask) -> None:
@@ -186,10 +204,11 @@ def test_outbox_inspect_shows_a_task_and_its_flower_page(client: FlaskClient, ap
     result = app.test_cli_runner().invoke(args=["outbox", "inspect", task_id, "--json"])
     assert 0 == result.exit_code, result.output
     details = json.loads(result.output)
-    assert ("orders.prepare_shipment", "pending", 0) == (
+    assert ("orders.prepare_shipment", "pending", 0, 0) == (
         details["task_name"],
         details["status"],
         details["attempts"],
+        details["deliveries"],
     )
     assert [order_id] == details["args"]
     assert f"http://flower.example:5555/task/{task_id}" == details["flower_url"]

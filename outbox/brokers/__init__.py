@@ -1,0 +1,111 @@
+"""The broker seam: what the relay can learn from a broker beyond "the publish returned".
+
+Three questions, each answered as well as the broker family allows:
+
+- :meth:`BrokerProbe.reachable`: does the broker answer right now, on a fresh
+  connection? A publish error of the kind a transport lists among its connection errors
+  is only the broker's fault if it does not (a queue missing from ``task_queues``
+  raises such an error too, and must not stall every row behind it).
+- :meth:`BrokerProbe.state`: which instance is this, and does it still hold what it was
+  given? A broker that restarted without its data lost every message it held.
+- :meth:`BrokerProbe.held_task_ids`: which tasks' messages does it hold (queued, or
+  delivered to a consumer and not yet acknowledged)? A task that is neither held nor
+  recorded by its consumer is lost.
+
+``None`` means "this broker cannot tell", and the caller falls back to time-outs.
+:func:`probe_for` picks the implementation for a Celery app's broker; adding a broker
+family means adding one module here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+
+from outbox.clock import Clock, utcnow
+
+#: Seconds a reachability check may take before the broker counts as unreachable.
+PROBE_TIMEOUT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerState:
+    """What a broker said about itself, read in one round trip."""
+
+    #: The broker's URL without credentials: which broker this is.
+    broker: str
+    #: The marker value the broker holds now (written by this read if it held none).
+    data_marker: str
+    #: The broker held no marker: it never had one, or it lost its data.
+    marker_was_missing: bool
+    #: The server instance's id, new at every restart (``None`` if the broker has none).
+    run_id: str | None
+    #: When that instance started, by the caller's clock (``None`` if unknown).
+    started_at: datetime | None
+
+
+class BrokerProbe(ABC):
+    """Questions about one Celery app's broker, each on a fresh, bounded connection."""
+
+    def __init__(self, celery_app: Celery, *, clock: Clock = utcnow) -> None:
+        self.celery_app = celery_app
+        self._clock = clock
+        with celery_app.connection_for_write() as conn:
+            #: The broker's URL without credentials, e.g. ``redis://127.0.0.1:6379/0``.
+            self.name = broker_name(conn)
+
+    def reachable(self) -> bool:
+        """Whether the broker accepts a new connection now (within ``PROBE_TIMEOUT``)."""
+        try:
+            with self.celery_app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=PROBE_TIMEOUT)
+        except Exception:  # any failure to connect is the answer
+            return False
+        return True
+
+    @abstractmethod
+    def state(self) -> BrokerState | None:
+        """The broker's instance and data marker, or ``None`` if it cannot tell."""
+
+    @abstractmethod
+    def held_task_ids(self, queues: Collection[str]) -> set[str] | None:
+        """Ids of the tasks whose messages the broker holds for ``queues`` (waiting in
+        them, or delivered from any queue and not yet acknowledged), read as one
+        snapshot; ``None`` if it cannot tell (or holds too many to read cheaply)."""
+
+
+class OpaqueBrokerProbe(BrokerProbe):
+    """A broker that can only say whether it answers (kombu's filesystem, memory, ...)."""
+
+    def state(self) -> BrokerState | None:
+        return None
+
+    def held_task_ids(self, queues: Collection[str]) -> set[str] | None:
+        return None
+
+
+def broker_name(conn: Any) -> str:
+    """A kombu connection's broker as a URL without credentials."""
+    transport = conn.transport.driver_type
+    port = f":{conn.port}" if conn.port else ""
+    vhost = str(conn.virtual_host or "").lstrip("/")
+    return f"{transport}://{conn.hostname or 'localhost'}{port}/{vhost}"
+
+
+def probe_for(celery_app: Celery, *, clock: Clock = utcnow) -> BrokerProbe:
+    """The probe for ``celery_app``'s broker (decided by its kombu transport)."""
+    with celery_app.connection_for_write() as conn:
+        driver = conn.transport.driver_type
+    if driver == "redis":
+        from outbox.brokers.redis import RedisProbe
+
+        return RedisProbe(celery_app, clock=clock)
+    return OpaqueBrokerProbe(celery_app, clock=clock)
+
+
+__all__ = ["BrokerProbe", "BrokerState", "OpaqueBrokerProbe", "broker_name", "probe_for"]

@@ -1,0 +1,126 @@
+"""Redis: ``INFO server`` for restarts, a marker key for lost data, and the queue lists
+plus kombu's ``unacked`` hash for the messages it holds.
+
+kombu keeps a queue as a list per priority step (``queue``, ``queue\\x06\\x163``, ...)
+and every message delivered to a consumer but not yet acknowledged in one ``unacked``
+hash, until the consumer acknowledges it or ``visibility_timeout`` puts it back in its
+queue. A message in neither place and not recorded by its consumer is gone: kombu pops
+a message and records it as unacknowledged in two steps, and a worker (or Redis) killed
+between them takes it along (kombu #305). The key names and the message layout are
+kombu's; this module reads them with the transport's own connection settings
+(``global_keyprefix``, timeouts, credentials).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Collection
+from datetime import timedelta
+from typing import Any
+
+import redis
+
+from outbox.brokers import BrokerProbe, BrokerState, broker_name
+
+#: The key the relays plant in the broker: its disappearance means the data is gone.
+DATA_MARKER_KEY = "celery_outbox:data_marker"
+#: Messages (queued plus unacknowledged) read in one snapshot at most. Beyond that the
+#: broker holds a backlog, and telling which tasks it holds would cost more than waiting.
+MAX_MESSAGES_READ = 10_000
+
+
+class RedisProbe(BrokerProbe):
+    """Reads a Redis broker through the Celery app's own kombu connection settings."""
+
+    def reachable(self) -> bool:
+        try:
+            with self.celery_app.connection_for_write() as conn:
+                _client(conn).ping()
+        except Exception:  # a refused, reset or timed-out connection all mean "no"
+            return False
+        return True
+
+    def state(self) -> BrokerState:
+        planted = uuid.uuid4().hex
+        with self.celery_app.connection_for_write() as conn:
+            client, prefix = _client(conn), _prefix(conn)
+            key = prefix + DATA_MARKER_KEY
+            now = self._clock()
+            with client.pipeline(transaction=True) as pipe:
+                pipe.info("server")
+                pipe.set(key, planted, nx=True)
+                pipe.get(key)
+                info, created, marker = pipe.execute()
+            uptime = info.get("uptime_in_seconds")
+            return BrokerState(
+                broker=broker_name(conn),
+                data_marker=_text(marker),
+                marker_was_missing=bool(created),
+                run_id=_text(info["run_id"]) if info.get("run_id") else None,
+                started_at=None if uptime is None else now - timedelta(seconds=int(uptime)),
+            )
+
+    def held_task_ids(self, queues: Collection[str]) -> set[str] | None:
+        with self.celery_app.connection_for_write() as conn:
+            client, prefix = _client(conn), _prefix(conn)
+            channel: Any = conn.default_channel
+            lists = [
+                prefix + (f"{queue}{channel.sep}{step}" if step else queue)
+                for queue in sorted(set(queues))
+                for step in channel.priority_steps
+            ]
+            unacked = prefix + channel.unacked_key
+            with client.pipeline(transaction=True) as pipe:
+                for key in lists:
+                    pipe.llen(key)
+                pipe.hlen(unacked)
+                if sum(pipe.execute()) > MAX_MESSAGES_READ:
+                    return None
+            # One MULTI: a message moving from a queue to ``unacked`` (kombu's restore
+            # goes the other way in a MULTI of its own) is seen in exactly one place.
+            with client.pipeline(transaction=True) as pipe:
+                for key in lists:
+                    pipe.lrange(key, 0, MAX_MESSAGES_READ)
+                pipe.hvals(unacked)
+                *queued, delivered = pipe.execute()
+        held = {_message_task_id(raw) for batch in queued for raw in batch}
+        held.update(_message_task_id(_unacked_message(raw)) for raw in delivered)
+        return {task_id for task_id in held if task_id is not None}
+
+
+def _client(conn: Any) -> redis.Redis:
+    """A plain client on the transport's pool (keys are prefixed by hand: kombu's
+    prefixing client only prefixes the commands kombu itself sends)."""
+    return redis.Redis(connection_pool=conn.default_channel.pool)
+
+
+def _prefix(conn: Any) -> str:
+    return str(getattr(conn.default_channel, "global_keyprefix", "") or "")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _unacked_message(raw: bytes | str) -> Any:
+    """kombu stores ``[message, exchange, routing_key]`` per unacknowledged delivery."""
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return None
+    return entry[0] if isinstance(entry, list) and entry else None
+
+
+def _message_task_id(message: Any) -> str | None:
+    """The Celery task id of a kombu message (protocol 2 keeps it in the headers)."""
+    if isinstance(message, bytes | str):
+        try:
+            message = json.loads(message)
+        except ValueError:
+            return None
+    if not isinstance(message, dict):
+        return None
+    headers = message.get("headers")
+    task_id = headers.get("id") if isinstance(headers, dict) else None
+    return task_id if isinstance(task_id, str) else None

@@ -1,0 +1,437 @@
+"""When a dispatched task counts as confirmed, when it is presumed lost, and what then.
+
+A task whose consumer is idempotent (:func:`outbox.idempotent`) is *confirmed* once its
+id is in ``celery_outbox_processed``: the consumer committed its effects, or recorded
+that the task failed on its own. Until then its row carries a ``confirm_deadline``, and
+the outbox watches for the ways a published message disappears without running:
+
+1. **The broker lost its data.** Redis restarted without persistence, was flushed, or
+   failed over to an empty replica. The relays keep a marker in the broker and the
+   broker's instance id in ``celery_outbox_brokers``; when the marker is gone, every
+   unconfirmed task published before the loss is published again at once.
+2. **The broker lost one message.** kombu's Redis transport pops a message and records
+   it as unacknowledged in two steps; a worker killed in between takes it along. For
+   tasks acknowledged late (``acks_late``: the message stays on the broker until the
+   task has finished), a task that is neither queued nor held by a worker, at two
+   checks a few seconds apart, and not confirmed, is lost: it is published again.
+3. **Nothing is heard of it.** Whatever the broker, a task is published again once
+   ``confirm_timeout`` has passed since its *last sign of life*: its dispatch, a
+   recorded start or retry (``outbox.lifecycle``; a retry counts until its countdown is
+   due), or the broker still holding its message.
+
+Publishing again is safe because the id stays the same and the consumer skips an id it
+has already processed. ``deliveries`` counts the publishes. A task published
+``max_deliveries`` times without a confirmation is marked ``dead`` (the consumer keeps
+failing to record it, e.g. it kills its worker each time) and comes back to life as
+dispatched if its record appears after all. Failed publish *attempts* are counted
+apart, by the relay, and never make a row dead for lack of confirmation.
+
+Every change is made in bounded batches, each its own short transaction, so that an
+outage that left a million rows overdue is worked off in steps rather than in one
+statement that locks them all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from celery import Celery
+from kombu import Queue
+from sqlalchemy import ColumnElement, Select, Table, exists, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from outbox.brokers import BrokerProbe, BrokerState
+from outbox.clock import Clock, utcnow
+from outbox.idempotency import ProcessedMessage
+from outbox.schema import OutboxStatus, brokers_table, outbox_table
+from outbox.settings import OutboxSettings
+from outbox.stores import Store
+
+logger = logging.getLogger(__name__)
+
+_t = outbox_table.c
+_processed = cast(Table, ProcessedMessage.__table__).c
+
+#: Rows examined or changed per statement, each statement its own transaction.
+BATCH_ROWS = 1000
+#: Batches of overdue rows one run works off at most; the next run goes on.
+MAX_BATCHES_PER_RUN = 10
+#: A task is looked for on the broker only once it was dispatched this long ago
+#: (seconds): younger ones are normally confirmed before anything is worth checking.
+LOST_AFTER = 10.0
+#: Slack around a broker restart's moment, which Redis reports in whole seconds.
+RESTART_SLACK = timedelta(seconds=2)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmationResult:
+    """What one confirmation run did, in rows."""
+
+    #: Dispatched rows whose consumer's record was found: no longer watched.
+    confirmed: int = 0
+    #: Rows dead for lack of confirmation whose record has appeared since: dispatched.
+    revived: int = 0
+    #: Overdue rows with a recent sign of life, given until it plus ``confirm_timeout``.
+    extended: int = 0
+    #: Rows put back to pending, to be published again under their ids.
+    republished: int = 0
+    #: Rows that reached ``max_deliveries`` unconfirmed publishes: now dead.
+    dead: int = 0
+    #: Rows whose ``expires`` passed unconfirmed: a worker discards them, so no consumer
+    #: will ever confirm them; no longer watched.
+    expired: int = 0
+    #: The broker was found to have lost its data in this run.
+    broker_data_lost: bool = False
+
+    def __add__(self, other: ConfirmationResult) -> ConfirmationResult:
+        return ConfirmationResult(
+            **{
+                f.name: (getattr(self, f.name) or getattr(other, f.name))
+                if f.name == "broker_data_lost"
+                else getattr(self, f.name) + getattr(other, f.name)
+                for f in fields(self)
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Watched:
+    """An unconfirmed row, as the checks need it."""
+
+    id: int
+    task_id: str
+    task_name: str
+    options: Any
+    status: str
+    deliveries: int
+    dispatched_at: datetime | None
+    task_started_at: datetime | None
+    task_finished_at: datetime | None
+    task_retry_eta: datetime | None
+
+
+class Confirmation:
+    """Runs the checks above; :meth:`run_once` is one pass, called by the relays."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        celery_app: Celery,
+        settings: OutboxSettings,
+        *,
+        store: Store,
+        probe: BrokerProbe,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.celery_app = celery_app
+        self.settings = settings
+        self.store = store
+        self.probe = probe
+        self._clock = clock
+        self._timeout = timedelta(seconds=settings.confirm_timeout)
+        # Task ids that were neither queued nor held by a worker at the previous check.
+        self._absent: set[str] = set()
+
+    def run_once(self) -> ConfirmationResult:
+        """Settle confirmed rows, then look for lost data, lost messages, silent tasks."""
+        now = self._clock()
+        result = self._settle(now)
+        result += self._recover_lost_broker_data(now)
+        result += self._republish_lost_messages(now)
+        result += self._handle_overdue(now)
+        return result
+
+    # -- confirmed ----------------------------------------------------------------
+
+    def _processed(self) -> ColumnElement[bool]:
+        return exists().where(self.store.processed_id_matches(_processed.task_id, _t.task_id))
+
+    def _settle(self, now: datetime) -> ConfirmationResult:
+        processed = self._processed()
+        revived = self._update_in_batches(
+            select(_t.id).where(
+                _t.status == OutboxStatus.DEAD, _t.confirm_deadline.is_not(None), processed
+            ),
+            status=OutboxStatus.DISPATCHED,
+            confirm_deadline=None,
+            last_error="confirmed by its consumer after it was marked dead",
+        )
+        confirmed = self._update_in_batches(
+            select(_t.id).where(
+                _t.status == OutboxStatus.DISPATCHED, _t.confirm_deadline <= now, processed
+            ),
+            confirm_deadline=None,
+        )
+        if revived:
+            logger.warning("%d dead task(s) were confirmed by their consumer: dispatched", revived)
+        return ConfirmationResult(confirmed=confirmed, revived=revived)
+
+    # -- 1. the broker lost its data -----------------------------------------------
+
+    def _recover_lost_broker_data(self, now: datetime) -> ConfirmationResult:
+        try:
+            state = self.probe.state()
+        except Exception as e:  # an unreachable broker has nothing to tell; the relay says so
+            logger.debug("cannot read the broker's identity: %s", e)
+            return ConfirmationResult()
+        if state is None:
+            return ConfirmationResult()
+        b = brokers_table.c
+        with self.engine.connect() as conn:
+            known = conn.execute(
+                select(b.data_marker, b.run_id).where(b.broker == state.broker)
+            ).one_or_none()
+        if known is not None and known.data_marker == state.data_marker:
+            if known.run_id != state.run_id:
+                logger.info(
+                    "broker %s restarted (run_id %s) with its data", state.broker, state.run_id
+                )
+                self._remember(state, now)
+            return ConfirmationResult()
+        if known is None:
+            self._remember(state, now)
+            return ConfirmationResult()
+        restarted = known.run_id != state.run_id and state.started_at is not None
+        lost_at = state.started_at if restarted and state.started_at is not None else now
+        how = f"restarted at {lost_at:%H:%M:%S} without it" if restarted else "its marker vanished"
+        republished = self._update_in_batches(
+            select(_t.id).where(
+                _t.status == OutboxStatus.DISPATCHED,
+                _t.confirm_deadline.is_not(None),
+                _t.dispatched_at < lost_at + RESTART_SLACK,
+                ~self._processed(),
+            ),
+            **self._republish_values(now, f"the broker lost its data ({how})"),
+        )
+        self._remember(state, now)
+        logger.warning(
+            "broker %s lost its data (%s): %d unconfirmed task(s) published again",
+            state.broker,
+            how,
+            republished,
+        )
+        return ConfirmationResult(republished=republished, broker_data_lost=True)
+
+    def _remember(self, state: BrokerState, now: datetime) -> None:
+        values = {
+            "broker": state.broker,
+            "data_marker": state.data_marker,
+            "run_id": state.run_id,
+            "checked_at": now,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(self.store.upsert(brokers_table, values, ["broker"]))
+
+    # -- 2. the broker lost one message ---------------------------------------------
+
+    def _republish_lost_messages(self, now: datetime) -> ConfirmationResult:
+        with self.engine.connect() as conn:
+            rows = [
+                row
+                for row in self._watched(
+                    conn,
+                    _t.status == OutboxStatus.DISPATCHED,
+                    _t.confirm_deadline.is_not(None),
+                    _t.dispatched_at <= now - timedelta(seconds=LOST_AFTER),
+                )
+                if self._held_until_finished(row.task_name)
+            ]
+        held = self._held(rows)
+        if held is None:
+            self._absent.clear()
+            return ConfirmationResult()
+        absent = {row.task_id for row in rows} - held
+        lost = [row for row in rows if row.task_id in absent & self._absent]
+        self._absent = absent - {row.task_id for row in lost}
+        if not lost:
+            return ConfirmationResult()
+        result = self._give_another_delivery(
+            lost, now, "its message was neither queued nor held by a worker at two checks"
+        )
+        logger.warning(
+            "%d task(s) lost by the broker (neither queued nor held by a worker, and not "
+            "confirmed): %d published again, %d dead after %d deliveries",
+            len(lost),
+            result.republished,
+            result.dead,
+            self.settings.max_deliveries,
+        )
+        return result
+
+    def _held_until_finished(self, task_name: str) -> bool:
+        """Whether the broker keeps this task's message until the task has finished."""
+        task = self.celery_app.tasks.get(task_name)
+        return bool(task is not None and task.acks_late)
+
+    def _held(self, rows: list[_Watched]) -> set[str] | None:
+        """Task ids the broker holds for ``rows``' queues; ``None`` when it cannot tell."""
+        if not rows:
+            return None
+        try:
+            return self.probe.held_task_ids({self._queue_of(row) for row in rows})
+        except Exception as e:  # an unreachable broker tells nothing; wait for it
+            logger.debug("cannot read what the broker holds: %s", e)
+            return None
+
+    def _queue_of(self, row: _Watched) -> str:
+        """The queue the row's task was routed to, as Celery routes it."""
+        options = row.options if isinstance(row.options, dict) else {}
+        wanted = {key: options[key] for key in ("queue", "routing_key") if key in options}
+        try:
+            queue = self.celery_app.amqp.router.route(wanted, row.task_name).get("queue")
+        except KeyError:  # a queue Celery does not know: the row's own name for it
+            queue = wanted.get("queue")
+        if isinstance(queue, Queue) and queue.name:
+            return str(queue.name)
+        return str(queue or self.celery_app.conf.task_default_queue)
+
+    # -- 3. nothing heard of it --------------------------------------------------------
+
+    def _handle_overdue(self, now: datetime) -> ConfirmationResult:
+        result = ConfirmationResult()
+        for _ in range(MAX_BATCHES_PER_RUN):
+            with self.engine.connect() as conn:
+                rows = self._watched(conn, _t.confirm_deadline <= now)
+            if not rows:
+                break
+            result += self._judge_overdue(rows, now)
+            if len(rows) < BATCH_ROWS:
+                break
+        if result.republished or result.dead:
+            logger.warning(
+                "%d dispatched task(s) not confirmed within %gs of their last sign of life: "
+                "%d published again, %d dead after %d deliveries",
+                result.republished + result.dead,
+                self.settings.confirm_timeout,
+                result.republished,
+                result.dead,
+                self.settings.max_deliveries,
+            )
+        return result
+
+    def _judge_overdue(self, rows: list[_Watched], now: datetime) -> ConfirmationResult:
+        later: dict[datetime, list[int]] = {}
+        expired: list[int] = []
+        silent: list[_Watched] = []
+        for row in rows:
+            if row.status != OutboxStatus.DISPATCHED:
+                # Pending: about to be published again, which sets a new deadline. Dead:
+                # waiting for a late confirmation, which _settle looks for.
+                later.setdefault(now + self._timeout, []).append(row.id)
+            elif (alive_until := _last_sign_of_life(row) + self._timeout) > now:
+                later.setdefault(alive_until, []).append(row.id)
+            elif _expired(row.options, now):
+                expired.append(row.id)
+            else:
+                silent.append(row)
+        held = self._held(silent) or set()
+        # Still queued, or held by a worker: a sign of life too.
+        later.setdefault(now + self._timeout, []).extend(
+            row.id for row in silent if row.task_id in held
+        )
+        silent = [row for row in silent if row.task_id not in held]
+        result = ConfirmationResult(
+            extended=sum(
+                self._update_ids(ids, confirm_deadline=deadline) for deadline, ids in later.items()
+            ),
+            expired=self._update_ids(
+                expired, confirm_deadline=None, last_error="expired before any consumer ran it"
+            ),
+        )
+        if silent:
+            reason = (
+                f"no consumer recorded this task as processed within "
+                f"{self.settings.confirm_timeout:g}s of its last sign of life"
+            )
+            result += self._give_another_delivery(silent, now, reason)
+        return result
+
+    # -- shared ---------------------------------------------------------------------
+
+    def _watched(self, conn: Connection, *where: ColumnElement[bool]) -> list[_Watched]:
+        query: Select[Any] = (
+            select(
+                _t.id,
+                _t.task_id,
+                _t.task_name,
+                _t.options,
+                _t.status,
+                _t.deliveries,
+                _t.dispatched_at,
+                _t.task_started_at,
+                _t.task_finished_at,
+                _t.task_retry_eta,
+            )
+            .where(*where, ~self._processed())
+            .order_by(_t.confirm_deadline)
+            .limit(BATCH_ROWS)
+        )
+        return [
+            _Watched(**{**row._mapping, "task_id": str(row.task_id)}) for row in conn.execute(query)
+        ]
+
+    def _give_another_delivery(
+        self, rows: Iterable[_Watched], now: datetime, reason: str
+    ) -> ConfirmationResult:
+        """Publish again, or give up after ``max_deliveries`` unconfirmed publishes."""
+        rows = list(rows)
+        spent = [row.id for row in rows if row.deliveries >= self.settings.max_deliveries]
+        again = [row.id for row in rows if row.deliveries < self.settings.max_deliveries]
+        dead = self._update_ids(
+            spent,
+            still_unconfirmed=True,
+            status=OutboxStatus.DEAD,
+            confirm_deadline=now + self._timeout,
+            last_error=f"{reason}; dead after {self.settings.max_deliveries} deliveries",
+        )
+        republished = self._update_ids(
+            again, still_unconfirmed=True, **self._republish_values(now, reason)
+        )
+        return ConfirmationResult(republished=republished, dead=dead)
+
+    def _republish_values(self, now: datetime, reason: str) -> dict[str, Any]:
+        return {
+            "status": OutboxStatus.PENDING,
+            "available_at": now,
+            # Watched on: the relay sets a new deadline when it publishes the row.
+            "confirm_deadline": now + self._timeout,
+            "last_error": f"{reason}: published again",
+        }
+
+    def _update_ids(self, ids: list[int], *, still_unconfirmed: bool = False, **values: Any) -> int:
+        """Set ``values`` on the rows ``ids`` (a dispatched row only if still unconfirmed)."""
+        if not ids:
+            return 0
+        statement = update(outbox_table).where(_t.id.in_(ids))
+        if still_unconfirmed:
+            statement = statement.where(_t.status == OutboxStatus.DISPATCHED, ~self._processed())
+        with self.engine.begin() as conn:
+            return int(conn.execute(statement.values(**values)).rowcount)
+
+    def _update_in_batches(self, ids: Select[Any], **values: Any) -> int:
+        """Set ``values`` on every row ``ids`` selects, ``BATCH_ROWS`` per transaction."""
+        total = 0
+        statement = update(outbox_table).where(_t.id.in_(ids.limit(BATCH_ROWS))).values(**values)
+        while True:
+            with self.engine.begin() as conn:
+                changed = int(conn.execute(statement).rowcount)
+            total += changed
+            if changed < BATCH_ROWS:
+                return total
+
+
+def _expired(options: Any, now: datetime) -> bool:
+    expires = options.get("expires") if isinstance(options, dict) else None
+    return isinstance(expires, str) and datetime.fromisoformat(expires) <= now
+
+
+def _last_sign_of_life(row: _Watched) -> datetime:
+    """The latest moment the task was known to be alive: dispatched, started, retried
+    (until its countdown is due)."""
+    moments = (row.dispatched_at, row.task_started_at, row.task_finished_at, row.task_retry_eta)
+    return max(moment for moment in moments if moment is not None)

@@ -1,0 +1,62 @@
+"""Judging a stats snapshot: is the outbox being published, and in time?
+
+One judgement for ``/healthz``, the dashboard's headline and ``flask outbox status``, so
+they never disagree. Two things can be wrong with the outbox itself: a due row has
+waited longer than ``max_lag`` (the relay is behind, or stuck), or no relay has run for
+that long (none is running: nothing publishes anything, and with nothing pending yet
+that shows nowhere else). Dead rows are shown, never judged: they wait for a person.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from outbox.stats import OutboxStats
+
+#: Default ``OUTBOX_HEALTH_MAX_LAG``: seconds a due row may wait, and a relay be silent.
+DEFAULT_MAX_LAG = 60.0
+
+#: What to run when no relay runs, in the words of the example's commands.
+START_A_RELAY = (
+    "start a Celery worker that consumes the outbox queue (`celery -A <app> worker`) and "
+    "Celery beat (`celery -A <app> beat`), or `flask outbox relay`"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxHealth:
+    """What is wrong with the outbox, in plain words; ``None`` where nothing is."""
+
+    #: Why the backlog counts as lagging.
+    lagging: str | None
+    #: Why no relay counts as running.
+    no_relay: str | None
+    dead: int
+
+    @property
+    def ok(self) -> bool:
+        return self.lagging is None and self.no_relay is None
+
+    @property
+    def headline(self) -> str:
+        """OK, LAGGING, NO RELAY (what ``/healthz`` fails on) or DEAD ROWS."""
+        if self.no_relay is not None:
+            return "NO RELAY"
+        if self.lagging is not None:
+            return "LAGGING"
+        return "DEAD ROWS" if self.dead else "OK"
+
+
+def assess(stats: OutboxStats, max_lag: float = DEFAULT_MAX_LAG) -> OutboxHealth:
+    lag = stats.oldest_pending_age_seconds or 0.0
+    lagging = f"the oldest due row has waited {lag:.1f}s (limit {max_lag:g}s)"
+    silence = stats.last_relay_run_seconds_ago
+    if silence is None:
+        no_relay: str | None = f"no relay or sweep has run yet: {START_A_RELAY}"
+    elif silence > max_lag:
+        no_relay = f"no relay or sweep has run for {silence:.0f}s: {START_A_RELAY}"
+    else:
+        no_relay = None
+    return OutboxHealth(
+        lagging=lagging if lag > max_lag else None, no_relay=no_relay, dead=stats.dead
+    )

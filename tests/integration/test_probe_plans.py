@@ -1,0 +1,183 @@
+"""Every probe reads through indexes beside a million dispatched rows: the plans prove it.
+
+The claim, the stats behind ``flask outbox status``, ``/healthz``, ``/metrics`` and the
+dashboard, the confirmation checks and the retention purge each run their statements
+against a table of a million dispatched rows (the history a week of retention keeps)
+next to a realistic backlog. Every statement they send is captured and EXPLAINed with
+its own parameters (ANALYZE, in a transaction that is rolled back): no plan may scan the
+outbox table, and none may read more than ``MAX_BUFFERS`` pages (plus a few dozen per row
+it changes), where a scan reads tens of thousands.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from celery import Celery
+from flask import Flask
+from sqlalchemy import Engine, event, text
+
+from outbox import OutboxSettings, Relay, collect_stats
+from outbox.retention import purge_outbox
+from outbox.search import latest_dead
+
+DISPATCHED = 1_000_000
+#: The worst a probe may read: a few index pages and the heap pages of the rows it returns.
+MAX_BUFFERS = 1_000
+#: What changing one row may add: its heap page and the pages of each of its indexes.
+BUFFERS_PER_ROW_CHANGED = 40
+
+# Dispatched rows became due and were dispatched long ago; a few hundred in the last
+# minute. Pending rows wait (some not yet due), a few are dead, and some dispatched rows
+# still wait for their consumer's confirmation (a few of them overdue).
+FILL = """
+INSERT INTO celery_outbox (task_id, task_name, args, kwargs, options, status, attempts,
+                           deliveries, created_at, available_at, dispatched_at,
+                           confirm_deadline)
+SELECT gen_random_uuid(), 'orders.notify_customer', '[1]'::jsonb, '{}'::jsonb, '{}'::jsonb,
+       'dispatched', 0, 1,
+       now() - interval '2 days', now() - interval '2 days' + n * interval '1 ms',
+       CASE WHEN n > :dispatched - 300 THEN now() - interval '10 seconds'
+            ELSE now() - interval '1 day' END,
+       CASE WHEN n > :dispatched - 250 THEN now() + interval '1 hour'
+            WHEN n > :dispatched - 300 THEN now() - interval '1 minute' END
+FROM generate_series(1, :dispatched) AS n
+UNION ALL
+SELECT gen_random_uuid(), 'orders.reserve_stock', '[2]'::jsonb, '{}'::jsonb, '{}'::jsonb,
+       'pending', 0, 0,
+       now() - interval '1 minute', now() + (n - 400) * interval '1 second',
+       NULL::timestamptz, NULL::timestamptz
+FROM generate_series(1, 500) AS n
+UNION ALL
+SELECT gen_random_uuid(), 'billing.charge_card', '[3]'::jsonb, '{}'::jsonb, '{}'::jsonb,
+       'dead', 10, 0,
+       now() - interval '3 days', now() - interval '3 days', NULL::timestamptz,
+       NULL::timestamptz
+FROM generate_series(1, 100) AS n
+"""
+
+
+@pytest.fixture(scope="module")
+def million(engine: Engine) -> Iterator[None]:
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE celery_outbox, celery_outbox_processed"))
+        conn.execute(text(FILL), {"dispatched": DISPATCHED})
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE celery_outbox"))
+    yield
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE celery_outbox, celery_outbox_processed"))
+
+
+@pytest.fixture(autouse=True)
+def _each_test_starts_empty(million: None) -> None:
+    """Overrides the folder's emptying: every test here reads the same million rows."""
+
+
+def sent_by(engine: Engine, probe: Callable[[], object]) -> list[tuple[str, Any]]:
+    """The statements ``probe`` sends that read or change the outbox table."""
+    captured: list[tuple[str, Any]] = []
+
+    def record(*args: Any) -> None:
+        statement, parameters = args[2], args[3]
+        if "celery_outbox " in statement + " " or "celery_outbox\n" in statement:
+            captured.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        probe()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    return captured
+
+
+def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes.extend(plan_nodes(child))
+    return nodes
+
+
+def explain(engine: Engine, statement: str, parameters: Any) -> dict[str, Any]:
+    """EXPLAIN ANALYZE in a transaction that is rolled back, whatever the statement does."""
+    with engine.connect() as conn, conn.begin() as transaction:
+        [[raw]] = conn.exec_driver_sql(
+            f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {statement}", parameters
+        ).all()
+        transaction.rollback()
+    plan: dict[str, Any] = (raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"]
+    return plan
+
+
+def assert_indexed(engine: Engine, probe: Callable[[], object], *, expected: int) -> None:
+    """Each of the probe's ``expected`` outbox statements reads through an index only."""
+    statements = sent_by(engine, probe)
+    assert expected == len(statements), [s for s, _ in statements]
+    for statement, parameters in statements:
+        plan = explain(engine, statement, parameters)
+        nodes = plan_nodes(plan)
+        scans = [n for n in nodes if n["Node Type"] == "Seq Scan"]
+        assert not [n for n in scans if n.get("Relation Name") == "celery_outbox"], (
+            statement,
+            nodes,
+        )
+        buffers = plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
+        changed = plan["Plans"][0]["Actual Rows"] if plan["Node Type"] == "ModifyTable" else 0
+        assert buffers < MAX_BUFFERS + BUFFERS_PER_ROW_CHANGED * changed, (buffers, statement)
+
+
+def test_the_claim_walks_the_pending_index_in_order(engine: Engine, celery_app: Celery) -> None:
+    """The claim's plan: the pending-only index, in its order, no sort."""
+    relay = Relay(engine, celery_app, OutboxSettings(batch_size=200))
+    claim = relay.claim_query().compile(engine, compile_kwargs={"literal_binds": True})
+    plan = explain(engine, str(claim), {})
+    nodes = plan_nodes(plan)
+    scans = [node for node in nodes if "Scan" in node["Node Type"]]
+    assert ["ix_celery_outbox_pending_due"] == [node.get("Index Name") for node in scans], nodes
+    assert not [node for node in nodes if node["Node Type"] == "Sort"], "index order, no sort"
+    assert plan["Shared Hit Blocks"] + plan["Shared Read Blocks"] < MAX_BUFFERS
+
+
+def test_the_status_figures_read_through_indexes(engine: Engine) -> None:
+    """collect_stats (status, /healthz, /metrics, the dashboard's cards)."""
+    assert_indexed(engine, lambda: collect_stats(engine, datetime.now(UTC)), expected=5)
+    stats = collect_stats(engine, datetime.now(UTC))
+    assert (500, 100, 300) == (stats.pending, stats.dead, stats.dispatched_last_minute)
+
+
+def test_the_web_probes_read_through_indexes(app: Flask, engine: Engine) -> None:
+    """/healthz, /metrics and the dashboard page each send only indexed statements."""
+    app.config["OUTBOX_DASHBOARD_PUBLIC"] = True
+    client = app.test_client()
+    try:
+        assert_indexed(engine, lambda: client.get("/healthz"), expected=5)
+        assert_indexed(engine, lambda: client.get("/metrics"), expected=5)
+        assert_indexed(engine, lambda: client.get("/outbox"), expected=6)
+    finally:
+        app.config.pop("OUTBOX_DASHBOARD_PUBLIC")
+
+
+def test_the_latest_dead_rows_come_from_the_dead_index(engine: Engine) -> None:
+    """The dashboard's dead rows, newest first, without walking the primary key."""
+    assert_indexed(engine, lambda: latest_dead(engine, limit=20), expected=1)
+
+
+def test_the_confirmation_checks_read_through_indexes(engine: Engine, celery_app: Celery) -> None:
+    """Reviving, settling, looking for lost messages and overdue tasks, and putting the 50
+    overdue ones back: the dead and deadline indexes, and the primary key."""
+    relay = Relay(engine, celery_app, OutboxSettings())
+    assert_indexed(engine, relay.confirmation.run_once, expected=5)
+
+
+def test_the_retention_purge_deletes_through_indexes(engine: Engine) -> None:
+    """Old dispatched rows by the dispatched-at index, old dead rows by the dead index."""
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    assert_indexed(
+        engine,
+        lambda: purge_outbox(engine, long_ago, statuses=["dispatched", "dead"]),  # type: ignore[list-item]
+        expected=2,
+    )
