@@ -1,4 +1,5 @@
-"""Child processes the benchmark starts (relays, workers), each in its own process group.
+"""Child processes the benchmark starts (relays, workers, a redis-server), each in its own
+process group.
 
 A child runs in a session of its own, so Ctrl-C in the terminal reaches only the
 benchmark, which then stops its children itself; and stopping a child signals its group
@@ -122,6 +123,18 @@ class Child:
                 if self.popen.poll() is None:
                     os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(timeout=10)
+        self._forget()
+
+    def kill(self) -> None:
+        """SIGKILL the group at once: no shutdown handler runs, as in a crash (signalled
+        only while the leader has not been reaped, as in :meth:`stop`)."""
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Close the pipes and drop the child from the ones :func:`stop_all` stops."""
         for pipe in (self.popen.stdin, self.popen.stdout):
             if pipe is not None:
                 pipe.close()

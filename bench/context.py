@@ -41,12 +41,18 @@ class Sizes:
     backlog_levels: tuple[int, ...]
     #: Claims timed per backlog level per run.
     claim_rounds: int
+    #: Dispatched rows beside the probes' realistic backlog (probe scaling), smallest first.
+    probe_levels: tuple[int, ...]
+    #: Calls of each probe timed per level per run.
+    probe_rounds: int
     #: Rows per end-to-end run.
     e2e_rows: int
     #: Rows drained under the profiler.
     profile_rows: int
     #: Drains of a single row timed per run (profile: a drain's fixed cost).
     single_drains: int
+    #: Unconfirmed tasks on the broker when it restarts without its data (restart).
+    restart_rows: int
 
 
 FULL = Sizes(
@@ -61,9 +67,12 @@ FULL = Sizes(
     latency_seconds=10.0,
     backlog_levels=(0, 100_000, 1_000_000),
     claim_rounds=300,
+    probe_levels=(0, 1_000_000),
+    probe_rounds=100,
     e2e_rows=5_000,
     profile_rows=20_000,
     single_drains=200,
+    restart_rows=1_000,
 )
 QUICK = Sizes(
     requests=10,
@@ -77,9 +86,12 @@ QUICK = Sizes(
     latency_seconds=1.0,
     backlog_levels=(0, 1_000, 10_000),
     claim_rounds=10,
+    probe_levels=(0, 2_000),
+    probe_rounds=10,
     e2e_rows=100,
     profile_rows=200,
     single_drains=5,
+    restart_rows=20,
 )
 
 

@@ -156,12 +156,21 @@ class Relay:
         )
 
     def drain(
-        self, max_seconds: float | None = None, *, stop: Callable[[], bool] | None = None
+        self,
+        max_seconds: float | None = None,
+        *,
+        stop: Callable[[], bool] | None = None,
+        maintain: bool = True,
     ) -> DrainResult:
         """Run batches until no due row is left, the broker is down, time is up, or
-        ``stop()`` says so (checked between batches)."""
+        ``stop()`` says so (checked between batches).
+
+        First, if one is due, a maintenance pass (:meth:`maintain`); ``maintain=False``
+        leaves it to the caller (the relay loop runs it in a thread of its own, off the
+        path from a commit to its publish).
+        """
         deadline = time.monotonic() + (max_seconds or self.settings.sweep_max_seconds)
-        maintained = self._maybe_maintain()
+        maintained = self._maybe_maintain() if maintain else None
         batches = published = failed = dead = 0
         while True:
             result = self.run_once()

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from outbox.relay import DrainResult, Relay
+from outbox.relay import MAINTENANCE_INTERVAL, DrainResult, Relay
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,24 @@ class RelayLoop:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def run_once(self) -> DrainResult:
+    def run_once(self, *, maintain: bool = True) -> DrainResult:
         # Stop between batches, not only between drains: a drain may run for
         # sweep_max_seconds, and SIGTERM should cost at most the batch in hand.
-        return self.relay.drain(stop=self._stopping.is_set)
+        return self.relay.drain(stop=self._stopping.is_set, maintain=maintain)
+
+    def _maintain_forever(self) -> None:
+        """The relay's maintenance (heartbeat, confirmation checks), now and then every
+        ``MAINTENANCE_INTERVAL``, in this thread: a pass reads the database and the
+        broker for a few milliseconds, which a commit waiting to be published should not
+        wait for."""
+        while not self.stopping:
+            try:
+                self.relay.maintain()
+            except Exception as e:  # the database or broker is away: the drains say so too
+                logger.warning(
+                    "relay maintenance failed, trying again in %gs: %s", MAINTENANCE_INTERVAL, e
+                )
+            self._stopping.wait(MAINTENANCE_INTERVAL)
 
     def run(
         self,
@@ -68,12 +82,27 @@ class RelayLoop:
         ``on_ready`` is called once, with how the loop waits, when it first waits for
         work: everything committed before then has been drained.
         """
+        maintenance = threading.Thread(
+            target=self._maintain_forever, name="outbox-relay-maintenance", daemon=True
+        )
+        maintenance.start()
+        try:
+            self._loop(on_drain, on_ready)
+        finally:
+            self._stopping.set()
+            maintenance.join(timeout=30)
+
+    def _loop(
+        self,
+        on_drain: Callable[[DrainResult], None] | None,
+        on_ready: Callable[[str], None] | None,
+    ) -> None:
         backoff = 0.0
         with self._listener() as listener:
             while not self.stopping:
                 committed_before = self.relay.committed_batches
                 try:
-                    result = self.run_once()
+                    result = self.run_once(maintain=False)
                 except (OperationalError, DBAPIError) as e:
                     if self.relay.committed_batches > committed_before:
                         # The drain got work done before it failed: the database is there,

@@ -30,7 +30,8 @@ from sqlalchemy import Engine, insert, make_url, text
 from outbox import OutboxStatus, outbox_table
 from tests.conftest import REDIS_DB, RUN_ID
 
-ROOT = Path(__file__).resolve().parents[2]
+#: The checkout: processes the tests start run in it, as a user runs the commands.
+ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
 

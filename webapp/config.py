@@ -97,8 +97,9 @@ def outbox_settings() -> dict[str, str]:
     :meth:`outbox.OutboxSettings.from_mapping` takes its settings from them, and the
     contrib modules read their own keys: ``OUTBOX_HEALTH_MAX_LAG`` (``/healthz`` and the
     dashboard), ``OUTBOX_FLOWER_URL`` (links to Flower) and
-    ``OUTBOX_DASHBOARD_BASIC_AUTH`` (``user:password,...`` for ``/outbox``; unset, the
-    dashboard is open).
+    ``OUTBOX_DASHBOARD_BASIC_AUTH`` (``user:password,...`` for ``/outbox``) and
+    ``OUTBOX_DASHBOARD_PUBLIC`` (``true`` opens it without a login; with neither it is
+    closed).
     """
     return {
         key: value

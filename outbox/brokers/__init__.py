@@ -39,10 +39,9 @@ class BrokerState:
 
     #: The broker's URL without credentials: which broker this is.
     broker: str
-    #: The marker value the broker holds now (written by this read if it held none).
+    #: The marker value the broker holds now (written by this read if it held none: it
+    #: never had one, or it lost its data).
     data_marker: str
-    #: The broker held no marker: it never had one, or it lost its data.
-    marker_was_missing: bool
     #: The server instance's id, new at every restart (``None`` if the broker has none).
     run_id: str | None
     #: When that instance started, by the caller's clock (``None`` if unknown).

@@ -14,14 +14,19 @@ kombu's; this module reads them with the transport's own connection settings
 from __future__ import annotations
 
 import json
+import os
+import threading
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import redis
+from celery import Celery
 
 from outbox.brokers import BrokerProbe, BrokerState, broker_name
+from outbox.clock import Clock, utcnow
 
 #: The key the relays plant in the broker: its disappearance means the data is gone.
 DATA_MARKER_KEY = "celery_outbox:data_marker"
@@ -31,7 +36,32 @@ MAX_MESSAGES_READ = 10_000
 
 
 class RedisProbe(BrokerProbe):
-    """Reads a Redis broker through the Celery app's own kombu connection settings."""
+    """Reads a Redis broker through the Celery app's own kombu connection settings.
+
+    ``state`` and ``held_task_ids`` run every few seconds in every relay, so they share
+    one connection, made on first use in the process that uses it and dropped after any
+    error (the next call connects again). ``reachable`` always connects afresh: it is
+    asked whether the broker answers, not whether an old connection still does.
+    """
+
+    def __init__(self, celery_app: Celery, *, clock: Clock = utcnow) -> None:
+        super().__init__(celery_app, clock=clock)
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._conn_pid: int | None = None
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        with self._lock:
+            if self._conn is None or self._conn_pid != os.getpid():
+                self._conn = self.celery_app.connection_for_write()
+                self._conn_pid = os.getpid()
+            try:
+                yield self._conn
+            except BaseException:
+                conn, self._conn = self._conn, None
+                conn.release()
+                raise
 
     def reachable(self) -> bool:
         try:
@@ -43,7 +73,7 @@ class RedisProbe(BrokerProbe):
 
     def state(self) -> BrokerState:
         planted = uuid.uuid4().hex
-        with self.celery_app.connection_for_write() as conn:
+        with self._connection() as conn:
             client, prefix = _client(conn), _prefix(conn)
             key = prefix + DATA_MARKER_KEY
             now = self._clock()
@@ -51,18 +81,17 @@ class RedisProbe(BrokerProbe):
                 pipe.info("server")
                 pipe.set(key, planted, nx=True)
                 pipe.get(key)
-                info, created, marker = pipe.execute()
+                info, _, marker = pipe.execute()
             uptime = info.get("uptime_in_seconds")
             return BrokerState(
                 broker=broker_name(conn),
                 data_marker=_text(marker),
-                marker_was_missing=bool(created),
                 run_id=_text(info["run_id"]) if info.get("run_id") else None,
                 started_at=None if uptime is None else now - timedelta(seconds=int(uptime)),
             )
 
     def held_task_ids(self, queues: Collection[str]) -> set[str] | None:
-        with self.celery_app.connection_for_write() as conn:
+        with self._connection() as conn:
             client, prefix = _client(conn), _prefix(conn)
             channel: Any = conn.default_channel
             lists = [

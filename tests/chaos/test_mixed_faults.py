@@ -1,134 +1,353 @@
-"""Thousands of enqueues, some rolled back, while relays and workers are killed at random."""
+"""Every fault at once, on the example's default settings and the README's commands.
+
+The stack runs as the Procfile and the README start it: gunicorn serving the web app,
+two plain ``celery -A tasks worker`` processes, ``celery -A tasks beat`` and
+``flask --app webapp outbox relay``, with no setting changed but the ports (this run's
+PostgreSQL database, a test-owned Redis that keeps nothing on disk). Clients create and
+confirm orders over HTTP; some confirmations run the endpoint's own code and roll back,
+as a request that fails after enqueueing does. Meanwhile workers, beat and the relay are
+SIGKILLed and restarted, Redis is restarted twice (losing every queued message), and
+PostgreSQL terminates the stack's connections.
+
+The database says what committed: a confirmed order must get each of its three effects
+once, a pending one none. Counted: lost, duplicate and phantom effects, 5xx answers after
+the last fault, and the seconds from the last fault until every effect is applied.
+"""
 
 from __future__ import annotations
 
+import json
 import random
 import re
+import sys
 import threading
-import uuid
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-import redis
+import pytest
 from celery import Celery
-from sqlalchemy import Engine
+from flask import Flask
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
-from outbox import TaskOutbox
-from tasks.orders import reserve_stock
-from tests.chaos.checks import effects_per_order, outbox_counts, queue_drained
-from tests.chaos.processes import Process, pause, start_relay, start_worker
+from outbox import OutboxStatus, outbox_table
+from outbox.schema import brokers_table
+from tests.chaos.processes import Process, pause
+from tests.chaos.redis_server import RedisServer, free_port, redis_server
 from tests.services import ChaosReport, wait_for
-from webapp.models import Order
+from webapp.models import Notification, Order, OrderStatus, Shipment, StockReservation
 
-ENQUEUES = 2400
-PER_TRANSACTION = 10
-ROLLBACK_EVERY = 5  # every fifth transaction rolls back
-#: Seconds before an unconfirmed task is published again: a worker killed between
-#: popping a message from Redis and recording it as unacknowledged loses it for good.
-CONFIRM_TIMEOUT = 15
-RECEIVED = re.compile(r"Task orders\.reserve_stock\[[0-9a-f-]+\] received")
-PUBLISHED_AGAIN = re.compile(r"(\d+) published again")
+ORDERS = 2000
+#: Of the confirmations, the share that runs in a transaction that rolls back.
+ROLLBACK_SHARE = 0.15
+CLIENTS = 4
+APPLICATION_NAME = "outbox-chaos-stack"
+#: From the last fault until every confirmed order has its effects (the issue's bound).
+DRAIN_WITHIN = 120
+EFFECTS = {"notification": Notification, "reservation": StockReservation, "shipment": Shipment}
+TERMINATE = text(
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :name"
+)
+UNRECOVERABLE = re.compile(r"Unrecoverable error: .*")
 
 
-def create_orders(engine: Engine, count: int) -> list[int]:
+class Stack:
+    """The example's processes, each restartable, each restarted if it exits on its own."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], port: int) -> None:
+        self.tmp_path = tmp_path
+        self.env = env
+        self.port = port
+        self.processes: dict[str, Process] = {}
+        self.starts: Counter[str] = Counter()
+        #: Processes that exited on their own and were restarted, as a supervisor would.
+        self.crashed: list[Process] = []
+
+    def command(self, name: str) -> list[str]:
+        python = [sys.executable, "-m"]
+        if name == "web":
+            # The Procfile's line.
+            bind = f"127.0.0.1:{self.port}"
+            return [*python, "gunicorn", "--bind", bind, "--workers", "2", "webapp:create_app()"]
+        if name.startswith("worker"):
+            # The Procfile's line, with a node name of its own for each of the two.
+            node = f"{name}-{self.starts[name]}@localhost"
+            return [
+                *python, "celery", "-A", "tasks", "worker", "--concurrency", "2",
+                "--loglevel", "INFO", "--hostname", node,
+            ]  # fmt: skip
+        if name == "beat":
+            schedule = str(self.tmp_path / "celerybeat-schedule")
+            return [*python, "celery", "-A", "tasks", "beat", "--schedule", schedule]
+        return [*python, "flask", "--app", "webapp", "outbox", "relay"]
+
+    def start(self, name: str) -> None:
+        self.starts[name] += 1
+        log_name = f"{name}-{self.starts[name]}"
+        self.processes[name] = Process(log_name, self.command(name), self.env, self.tmp_path)
+
+    def kill(self, name: str) -> None:
+        self.processes[name].kill()
+        self.start(name)
+
+    def supervise(self) -> None:
+        for name, process in list(self.processes.items()):
+            if not process.alive:
+                self.crashed.append(process)
+                self.start(name)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.stop()
+
+    def logs(self, prefix: str) -> str:
+        return "".join(
+            path.read_text(errors="replace") for path in self.tmp_path.glob(f"{prefix}*.log")
+        )
+
+
+class Clients:
+    """HTTP clients creating and confirming orders, and the 5xx answers they get."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.errors: list[tuple[float, int | str]] = []
+        self.lock = threading.Lock()
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One request, retried while it fails as a client would (503, a dropped
+        connection); every 5xx and connection failure is recorded."""
+        data = json.dumps(body).encode() if body is not None else None
+        while True:
+            request = urllib.request.Request(  # noqa: S310 - a local http URL
+                self.base + path,
+                data=data,
+                method=method,
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                if e.code < 500:
+                    return json.loads(e.read())
+                self._failed(e.code)
+            except OSError as e:  # refused, reset, timed out (URLError is one too)
+                self._failed(type(e).__name__)
+            time.sleep(0.2)
+
+    def _failed(self, what: int | str) -> None:
+        with self.lock:
+            self.errors.append((time.monotonic(), what))
+
+    def errors_after(self, moment: float) -> list[int | str]:
+        with self.lock:
+            return [what for at, what in self.errors if at > moment]
+
+
+def confirm_then_roll_back(app: Flask, order_id: int) -> None:
+    """The confirm endpoint's own work, in a transaction that then rolls back."""
+    from tasks.orders import notify_customer, prepare_shipment, reserve_stock
+    from webapp.extensions import db, outbox
+    from webapp.orders import mark_confirmed
+
+    for _ in range(50):
+        with app.app_context():
+            try:
+                mark_confirmed(order_id)
+                for task in (notify_customer, reserve_stock, prepare_shipment):
+                    outbox.delay(task, order_id)
+            except Exception:  # the database was cut off mid-way: try again, as above
+                db.session.rollback()
+            else:
+                db.session.rollback()
+                return
+        time.sleep(0.2)
+    pytest.fail(f"order {order_id}: could not run the rolled-back confirmation")
+
+
+def effects_by_order(engine: Engine) -> dict[str, dict[int, int]]:
     with Session(engine) as session:
-        orders = [Order(customer_email=f"m{i}@example.com", items=[]) for i in range(count)]
-        session.add_all(orders)
-        session.commit()
-        return [order.id for order in orders]
+        return {
+            name: dict(
+                session.execute(select(model.order_id, func.count()).group_by(model.order_id)).all()
+            )
+            for name, model in EFFECTS.items()
+        }
 
 
-def test_mixed_faults_lose_nothing_apply_nothing_twice_and_no_phantoms(
+def order_statuses(engine: Engine) -> dict[int, str]:
+    with Session(engine) as session:
+        return dict(session.execute(select(Order.id, Order.status)).all())
+
+
+def every_effect_applied(engine: Engine) -> bool:
+    confirmed = {i for i, s in order_statuses(engine).items() if s == OrderStatus.CONFIRMED}
+    effects = effects_by_order(engine)
+    return all(confirmed <= set(per_order) for per_order in effects.values())
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RedisServer]:
+    with redis_server(tmp_path, persistent=False) as server:
+        yield server
+
+
+def test_every_fault_at_once_loses_doubles_and_invents_nothing(
+    app: Flask,
     engine: Engine,
     celery_app: Celery,
-    redis_client: redis.Redis,
+    broker: RedisServer,
+    database_url: str,
     tmp_path: Path,
     chaos_report: ChaosReport,
 ) -> None:
-    """Committed enqueues apply exactly once, rolled-back ones never, nothing left behind."""
-    queue = f"chaos-mix-{uuid.uuid4().hex[:8]}"
-    order_ids = create_orders(engine, ENQUEUES)
-    committed: list[int] = []
-    rolled_back: list[int] = []
-    rng = random.Random(42)
-    tasks = TaskOutbox(celery_app)
+    """Confirmed orders get each effect once, rolled-back ones none, nothing 5xx after the
+    last fault, everything applied within DRAIN_WITHIN seconds of it."""
+    env = {
+        "DATABASE_URL": f"{database_url}?application_name={APPLICATION_NAME}",
+        "CELERY_BROKER_URL": broker.url,
+        "CELERY_RESULT_BACKEND": broker.url,
+    }
+    stack = Stack(tmp_path, env, free_port())
+    clients = Clients(f"http://127.0.0.1:{stack.port}")
+    rng = random.Random(20261202)
+    rolled_back_asked: list[int] = []
+    faults: Counter[str] = Counter()
+    broker_recoveries: list[float] = []
 
-    def enqueue_all() -> None:
-        for number, start in enumerate(range(0, ENQUEUES, PER_TRANSACTION)):
-            batch = order_ids[start : start + PER_TRANSACTION]
-            with Session(engine) as session:
-                for order_id in batch:
-                    tasks.apply_async(reserve_stock, args=(order_id,), queue=queue, session=session)
-                if number % ROLLBACK_EVERY == ROLLBACK_EVERY - 1:
-                    session.rollback()
-                    rolled_back.extend(batch)
-                else:
-                    session.commit()
-                    committed.extend(batch)
-            pause(0.03)
+    def customer(number: int) -> None:
+        local = random.Random(number)
+        for i in range(number, ORDERS, CLIENTS):
+            order = clients.call("POST", "/orders", {
+                "customer_email": f"c{i}@example.com", "items": [{"sku": "BOOK-1", "qty": 1}],
+            })  # fmt: skip
+            if local.random() < ROLLBACK_SHARE:
+                confirm_then_roll_back(app, order["id"])
+                rolled_back_asked.append(order["id"])
+            else:
+                clients.call("POST", f"/orders/{order['id']}/confirm")
 
-    processes: dict[str, Process] = {}
+    def restart_broker() -> None:
+        marker_before = remembered_marker(engine, broker)
+        broker.kill()
+        broker.start()
+        restarted = time.monotonic()
+        # Recovered once some relay has republished what the broker lost and recorded
+        # the new data marker (it records it after the republishing).
+        wait_for(
+            lambda: remembered_marker(engine, broker) not in (None, marker_before),
+            timeout=60,
+            interval=0.1,
+        )
+        broker_recoveries.append(time.monotonic() - restarted)
 
-    def start(name: str) -> None:
-        if name.startswith("relay"):
-            processes[name] = start_relay(
-                f"{name}-{len(list(tmp_path.iterdir()))}",
-                tmp_path,
-                OUTBOX_BATCH_SIZE="50",
-                OUTBOX_CONFIRM_TIMEOUT=str(CONFIRM_TIMEOUT),
-            )
-        else:
-            processes[name] = start_worker(
-                f"{name}-{len(list(tmp_path.iterdir()))}", queue, tmp_path, celery_app
-            )
-
-    kills = {"relay": 0, "worker": 0}
+    fault_kinds: list[tuple[str, Callable[[], None]]] = [
+        ("worker SIGKILL", lambda: stack.kill(rng.choice(["worker-a", "worker-b"]))),
+        ("relay SIGKILL", lambda: stack.kill("relay")),
+        ("beat SIGKILL", lambda: stack.kill("beat")),
+        ("Redis restart without its data", restart_broker),
+        ("PostgreSQL connections terminated", lambda: terminate(engine)),
+    ]
+    schedule = [kind for kind in fault_kinds for _ in range(2)] + fault_kinds[:1] * 2
+    rng.shuffle(schedule)
     try:
-        for name in ("relay-a", "relay-b", "worker-a", "worker-b"):
-            start(name)
-        producer = threading.Thread(target=enqueue_all)
-        producer.start()
-        rounds = 0
-        while producer.is_alive():
-            pause(rng.uniform(0.3, 0.8))
-            # Alternate between the relays and the workers, a random one of each.
-            kind = ("relay", "worker")[rounds % 2]
-            victim = rng.choice([name for name in sorted(processes) if name.startswith(kind)])
-            processes[victim].kill()
-            kills[kind] += 1
-            start(victim)
-            rounds += 1
-        producer.join()
-        wait_for(lambda: outbox_counts(engine) == {"dispatched": len(committed)}, timeout=60)
-        wait_for(lambda: len(effects_per_order(engine)) >= len(committed), timeout=60)
-        wait_for(lambda: queue_drained(redis_client, queue), timeout=60)
+        for name in ("web", "worker-a", "worker-b", "beat", "relay"):
+            stack.start(name)
+        wait_for(lambda: stack.supervise() or ping(clients.base), timeout=60)
+        wait_for(lambda: remembered_marker(engine, broker) is not None, timeout=60)
+        customers = [threading.Thread(target=customer, args=(n,)) for n in range(CLIENTS)]
+        for thread in customers:
+            thread.start()
+        for name, fault in schedule:
+            pause(rng.uniform(2.0, 4.0))
+            stack.supervise()
+            fault()
+            faults[name] += 1
+        last_fault = time.monotonic()
+        while any(thread.is_alive() for thread in customers):
+            stack.supervise()
+            pause(0.2)
+        for thread in customers:
+            thread.join()
+        ids = sorted(order_statuses(engine))
+        for order_id in ids[:: max(1, len(ids) // 200)]:
+            clients.call("GET", f"/orders/{order_id}")
+        wait_for(
+            lambda: stack.supervise() or every_effect_applied(engine),
+            timeout=DRAIN_WITHIN,
+            interval=0.5,
+        )
+        drained_seconds = time.monotonic() - last_fault
+        # Nothing more arrives: every outbox row is dispatched and nothing waits.
+        wait_for(lambda: stack.supervise() or not pending_or_dead(engine), timeout=60)
     finally:
-        for process in processes.values():
-            process.stop()
-        redis_client.delete(queue)
+        stack.stop()
 
-    effects = effects_per_order(engine)
-    assert ENQUEUES == len(committed) + len(rolled_back)
-    assert dict.fromkeys(committed, 1) == effects, "committed: once each; rolled back: never"
-    assert kills["relay"] > 0
-    assert kills["worker"] > 0
-    received = sum(
-        len(RECEIVED.findall(path.read_text(errors="replace")))
-        for path in tmp_path.glob("worker-*.log")
-    )
-    republished = sum(
-        int(count)
-        for path in tmp_path.glob("relay-*.log")
-        for count in PUBLISHED_AGAIN.findall(path.read_text(errors="replace"))
-    )
+    statuses = order_statuses(engine)
+    confirmed = {i for i, s in statuses.items() if s == OrderStatus.CONFIRMED}
+    unconfirmed = set(statuses) - confirmed
+    effects = effects_by_order(engine)
+    lost = sum(len(confirmed - set(per_order)) for per_order in effects.values())
+    duplicates = sum(n - 1 for per_order in effects.values() for n in per_order.values() if n > 1)
+    phantom = sum(len(unconfirmed & set(per_order)) for per_order in effects.values())
+    errors_after_last_fault = clients.errors_after(last_fault)
+    worker_logs = stack.logs("worker")
     chaos_report.record(
-        messages=ENQUEUES,
-        committed=len(committed),
-        rolled_back=len(rolled_back),
-        faults=f"{kills['relay']} relay and {kills['worker']} worker SIGKILLs at random",
-        redelivered=received - len(committed),
-        republished_unconfirmed=republished,
-        lost=len(set(committed) - set(effects)),
-        phantom=len(set(rolled_back) & set(effects)),
-        duplicate_effects=sum(count - 1 for count in effects.values()),
+        messages=3 * len(confirmed),
+        orders=len(statuses),
+        confirmed=len(confirmed),
+        rolled_back=len(unconfirmed),
+        faults=dict(faults),
+        lost=lost,
+        duplicate_effects=duplicates,
+        phantom=phantom,
+        errors_during_faults=len(clients.errors) - len(errors_after_last_fault),
+        errors_after_last_fault=len(errors_after_last_fault),
+        drain_seconds_after_last_fault=round(drained_seconds, 1),
+        broker_restart_recovery_seconds=[round(s, 1) for s in broker_recoveries],
+        skipped_duplicates=worker_logs.count("already processed: skipped"),
+        processes_restarted_after_exiting=len(stack.crashed),
+        exits=sorted({line for p in stack.crashed for line in UNRECOVERABLE.findall(p.log())}),
     )
+    assert len(statuses) >= ORDERS
+    assert set(rolled_back_asked) <= unconfirmed, "a rolled-back confirmation left no trace"
+    assert (0, 0, 0) == (lost, duplicates, phantom)
+    assert [] == errors_after_last_fault
+    assert 2 == len(broker_recoveries)
+
+
+def ping(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/orders/0", timeout=5):  # noqa: S310
+            return False
+    except urllib.error.HTTPError as e:
+        return e.code == 404  # the app and its database answer
+    except OSError:  # refused, reset or timed out: not up yet
+        return False
+
+
+def terminate(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(TERMINATE, {"name": APPLICATION_NAME})
+
+
+def remembered_marker(engine: Engine, broker: RedisServer) -> str | None:
+    """The data marker the relays last recorded for this broker."""
+    b = brokers_table.c
+    with engine.connect() as conn:
+        return conn.execute(
+            select(b.data_marker).where(b.broker == f"redis://127.0.0.1:{broker.port}/0")
+        ).scalar_one_or_none()
+
+
+def pending_or_dead(engine: Engine) -> int:
+    t = outbox_table.c
+    with engine.connect() as conn:
+        query = select(func.count()).where(t.status.in_([OutboxStatus.PENDING, OutboxStatus.DEAD]))
+        return int(conn.execute(query).scalar_one())

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import PG_SERVER
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Bounds a broken run; a healthy one takes about 25 s, more on a busy machine.
+#: Bounds a broken run; a healthy one takes about 35 s, more on a busy machine.
 QUICK_TIMEOUT = 180
 #: A figure each section prints (the start of its row's name).
 SECTION_ROWS = {
@@ -28,6 +28,8 @@ SECTION_ROWS = {
     "latency": "relay process (LISTEN/NOTIFY): p50",
     "backlog": "claim 200 rows beside",
     "e2e": "commit → finished, 1 worker",
+    "probes": "collect_stats beside",
+    "restart": "notice and republish",
 }
 
 

@@ -217,7 +217,9 @@ def worker_queues(command: CeleryCommand, app: Celery) -> set[str]:
     (Celery's own rule: ``task_queues``, or the default queue when none is declared)."""
     queues = command.parsed.options.get("queues")
     if queues is None:
-        return set(app.amqp.queues)
+        # From the configuration: app.amqp.queues also gains every queue published to.
+        declared = app.conf.task_queues
+        return {queue.name for queue in declared} if declared else {app.conf.task_default_queue}
     return {queue.strip() for queue in queues.split(",") if queue.strip()}
 
 

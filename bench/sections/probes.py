@@ -1,0 +1,290 @@
+"""Probe scaling: how long the outbox's read-mostly probes take beside 0 and 1,000,000
+dispatched rows.
+
+The probes:
+
+- ``collect_stats(engine, now)``: the snapshot ``flask outbox status``, ``/healthz``,
+  ``/metrics`` and the dashboard read, called with an engine as the first three call it
+  (a pooled connection checked out and back in, with its rollback, is part of the time);
+- ``latest_dead(engine, limit=20)``: the dashboard's list of dead rows;
+- the confirmation pass, ``Relay.confirmation.run_once()``, which a draining relay runs
+  every ``MAINTENANCE_INTERVAL``: two settling UPDATEs (each its own transaction, matching
+  no row: no deadline has passed), the broker's identity (``RedisProbe.state()``: a fresh
+  connection and one pipelined round trip, then the row the relays keep of the broker,
+  which matches), the lost-message check (the unconfirmed rows dispatched over
+  ``LOST_AFTER`` ago, then the broker's queue and unacknowledged messages read on a fresh
+  connection: every one of those rows is found queued, so none is ever presumed lost) and
+  the overdue check (none). It changes nothing, so every pass does the same work; each
+  one is checked to have changed nothing.
+
+Each level gets its own copy of the outbox's tables, in a schema of its own, and an
+engine whose connections set ``search_path`` to it, so the library's own statements run
+unchanged against each. Beside the level's history of dispatched rows (confirmed a day
+ago; their consumers' records in ``celery_outbox_processed``), every level holds the
+same backlog of a busy outbox, relative to one moment ``now``:
+
+- ``PENDING_DUE`` pending rows due within the last minute, and ``PENDING_LATER`` due in
+  an hour (a countdown);
+- ``DEAD_ROWS`` dead rows, half that failed to publish, half that ran out of deliveries
+  and wait for a late confirmation (their deadline an hour ahead);
+- ``RECENT_ROWS`` rows dispatched and confirmed within the last minute;
+- ``AWAITING_ROWS`` rows awaiting their consumer's confirmation, published for real by a
+  relay running on a clock set back 30 s (for half of them) and 5 s (the other half), so
+  that their messages wait in a queue of the level's own. The older half are past
+  ``LOST_AFTER`` and looked for on the broker; the younger half are not yet.
+
+Every probe reads the clock ``now`` (the relay's is fixed to it), so the backlog looks
+the same at every level and at every round however long the run takes. Rows are
+inserted server-side, then VACUUM ANALYZE. The levels are timed in turn, round after
+round, in a rotated order: a slower moment of the machine then hits every level alike.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from celery import Celery
+from celery.result import (  # type: ignore[attr-defined]
+    _set_task_join_will_block,
+    task_join_will_block,
+)
+from sqlalchemy import Engine, create_engine, text
+
+from bench.context import Context, rotated
+from bench.data import add_dispatched, empty_queue
+from bench.results import RATIO, Figure, Target, median, ratios
+from outbox import ConfirmationResult, Relay, collect_stats, create_tables
+from outbox.clock import utcnow
+from outbox.confirmation import LOST_AFTER
+from outbox.search import latest_dead
+
+SECTION = "probes"
+STATS, DEAD, CONFIRMATION = "collect_stats", "latest_dead(limit=20)", "confirmation pass"
+PROBES = (STATS, DEAD, CONFIRMATION)
+#: The backlog every level holds beside its history (see the module docstring).
+PENDING_DUE, PENDING_LATER, DEAD_ROWS, RECENT_ROWS, AWAITING_ROWS = 300, 100, 100, 300, 300
+#: The example's tasks, which the backlog's rows take in turn.
+TASKS = ("orders.notify_customer", "orders.reserve_stock", "orders.prepare_shipment")
+#: How long before ``now`` the two halves of the awaiting rows were dispatched: one past
+#: ``LOST_AFTER``, one not yet.
+AWAITING_AGES = (timedelta(seconds=3 * LOST_AFTER), timedelta(seconds=LOST_AFTER / 2))
+#: Dead rows the dashboard lists.
+DEAD_LISTED = 20
+#: Rounds run before measuring: caches, connections, the relay's first look at the broker.
+WARMUP_ROUNDS = 5
+
+T = TypeVar("T")
+
+# Rows of the example's three tasks in turn, relative to the bound ``:now``.
+_PENDING = """
+INSERT INTO celery_outbox (task_id, task_name, args, kwargs, options, status, attempts,
+                           created_at, available_at)
+SELECT gen_random_uuid(), (CAST(:tasks AS text[]))[1 + n % 3], jsonb_build_array(n),
+       '{}'::jsonb, CAST(:options AS jsonb), 'pending', 0,
+       CAST(:now AS timestamptz) - interval '1 minute',
+       CAST(:due AS timestamptz) + n * interval '1 ms'
+FROM generate_series(1, :rows) AS n
+"""
+
+_RECENT = """
+INSERT INTO celery_outbox (task_id, task_name, args, kwargs, options, status, attempts,
+                           deliveries, created_at, available_at, dispatched_at)
+SELECT gen_random_uuid(), (CAST(:tasks AS text[]))[1 + n % 3], jsonb_build_array(n),
+       '{}'::jsonb, '{}'::jsonb, 'dispatched', 0, 1,
+       CAST(:now AS timestamptz) - interval '2 minutes',
+       CAST(:now AS timestamptz) - interval '2 minutes',
+       CAST(:now AS timestamptz) - interval '1 minute' + n * interval '100 ms'
+FROM generate_series(1, :rows) AS n
+"""
+
+# Even rows failed to publish max_attempts times; odd ones were published max_deliveries
+# times unconfirmed and wait for a late confirmation until their deadline.
+_DEAD = """
+INSERT INTO celery_outbox (task_id, task_name, args, kwargs, options, status, attempts,
+                           deliveries, last_error, created_at, available_at,
+                           dispatched_at, confirm_deadline)
+SELECT gen_random_uuid(), (CAST(:tasks AS text[]))[1 + n % 3], jsonb_build_array(n),
+       '{}'::jsonb, '{}'::jsonb, 'dead',
+       CASE WHEN n % 2 = 0 THEN 10 ELSE 0 END, CASE WHEN n % 2 = 0 THEN 0 ELSE 5 END,
+       'bench: dead', CAST(:now AS timestamptz) - n * interval '1 hour',
+       CAST(:now AS timestamptz) - n * interval '1 hour',
+       CASE WHEN n % 2 = 1 THEN CAST(:now AS timestamptz) - interval '2 hours' END,
+       CASE WHEN n % 2 = 1 THEN CAST(:now AS timestamptz) + interval '1 hour' END
+FROM generate_series(1, :rows) AS n
+"""
+
+_PROCESSED = """
+INSERT INTO celery_outbox_processed (task_id, task_name, processed_at)
+SELECT CAST(task_id AS text), task_name, dispatched_at
+FROM celery_outbox WHERE status = 'dispatched' AND confirm_deadline IS NULL
+"""
+
+_TABLES = "celery_outbox, celery_outbox_processed, celery_outbox_brokers, celery_outbox_relays"
+
+
+def run(ctx: Context) -> list[Figure]:
+    levels = ctx.sizes.probe_levels
+    now = utcnow()
+    engines: dict[int, Engine] = {}
+    relays: dict[int, Relay] = {}
+    timings: dict[str, dict[int, list[float]]] = {p: {n: [] for n in levels} for p in PROBES}
+    samples: dict[str, dict[int, list[list[float]]]] = {p: {n: [] for n in levels} for p in PROBES}
+    # As in the relay command: no result subscriptions for what the fill publishes.
+    joined = task_join_will_block()
+    _set_task_join_will_block(True)
+    try:
+        for level in levels:
+            ctx.say(f"probes: filling {level:,} dispatched rows beside the backlog")
+            engines[level] = _fill(ctx, level, now)
+            relays[level] = Relay(engines[level], ctx.celery_app, clock=lambda: now)
+            _check(engines[level], now)
+        for run_index in range(ctx.repeats):
+            ctx.say(f"probes: run {run_index + 1}/{ctx.repeats}")
+            calls: dict[str, dict[int, list[float]]] = {p: {n: [] for n in levels} for p in PROBES}
+            for round_index in range(ctx.sizes.probe_rounds + WARMUP_ROUNDS):
+                for level in rotated(levels, round_index):
+                    for probe, elapsed in _probe(engines[level], relays[level], now).items():
+                        if round_index >= WARMUP_ROUNDS:
+                            calls[probe][level].append(elapsed)
+            for probe in PROBES:
+                for level in levels:
+                    timings[probe][level].append(median(calls[probe][level]))
+                    samples[probe][level].append(calls[probe][level])
+    finally:
+        _set_task_join_will_block(joined)
+        for engine in engines.values():
+            engine.dispose()
+        with ctx.engine.begin() as conn:
+            for level in levels:
+                conn.execute(text(f"DROP SCHEMA IF EXISTS {_schema(level)} CASCADE"))
+        for level in levels:
+            empty_queue(ctx.redis, _queue(level))
+    return _figures(ctx, levels, timings, samples)
+
+
+def _figures(
+    ctx: Context,
+    levels: tuple[int, ...],
+    timings: dict[str, dict[int, list[float]]],
+    samples: dict[str, dict[int, list[list[float]]]],
+) -> list[Figure]:
+    notes = {
+        STATS: (
+            f"median of {ctx.sizes.probe_rounds} calls per run, as the caller sees it; beside "
+            f"{PENDING_DUE + PENDING_LATER} pending, {DEAD_ROWS} dead, "
+            f"{RECENT_ROWS + AWAITING_ROWS} dispatched in the last minute"
+        ),
+        DEAD: "the dashboard's dead rows, newest first",
+        CONFIRMATION: (
+            f"Relay.confirmation.run_once(): {AWAITING_ROWS} rows awaiting confirmation, "
+            f"{AWAITING_ROWS // 2} looked for on the broker and found queued; changes nothing"
+        ),
+    }
+    smallest, largest = levels[0], levels[-1]
+    figures: list[Figure] = []
+    for probe in PROBES:
+        figures.extend(
+            Figure(
+                SECTION,
+                f"{probe} beside {level:,} dispatched",
+                "ms",
+                timings[probe][level],
+                note=notes[probe] if level == smallest else "",
+                samples=samples[probe][level],
+            )
+            for level in levels
+        )
+        figures.append(
+            Figure(
+                SECTION,
+                f"  {probe}: ratio {largest:,} / {smallest:,} dispatched",
+                RATIO,
+                ratios(timings[probe][largest], timings[probe][smallest]),
+                target=Target.at_most(1.5, RATIO),
+            )
+        )
+    return figures
+
+
+def _schema(level: int) -> str:
+    return f"bench_probes_{level}"
+
+
+def _queue(level: int) -> str:
+    """The queue the level's awaiting rows were published to."""
+    return f"bench.probes.{level}"
+
+
+def _fill(ctx: Context, level: int, now: datetime) -> Engine:
+    """Make the level's schema and tables and fill them (see the module docstring); return
+    an engine whose connections find those tables first (``search_path``)."""
+    schema = _schema(level)
+    with ctx.engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    engine = create_engine(
+        ctx.services.database_url, connect_args={"options": f"-c search_path={schema}"}
+    )
+    create_tables(engine)
+    add_dispatched(engine, level)
+    due = now - timedelta(minutes=1)
+    for age in AWAITING_AGES:
+        _insert(
+            engine, _PENDING, now, AWAITING_ROWS // 2, due=due, options={"queue": _queue(level)}
+        )
+        _dispatch(engine, ctx.celery_app, AWAITING_ROWS // 2, at=now - age)
+    _insert(engine, _PENDING, now, PENDING_DUE, due=due, options={})
+    _insert(engine, _PENDING, now, PENDING_LATER, due=now + timedelta(hours=1), options={})
+    _insert(engine, _RECENT, now, RECENT_ROWS)
+    _insert(engine, _DEAD, now, DEAD_ROWS)
+    with engine.begin() as conn:
+        conn.execute(text(_PROCESSED))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f"VACUUM ANALYZE {_TABLES}"))
+    return engine
+
+
+def _insert(engine: Engine, statement: str, now: datetime, rows: int, **params: Any) -> None:
+    if "options" in params:
+        params["options"] = json.dumps(params["options"])
+    with engine.begin() as conn:
+        conn.execute(text(statement), {"now": now, "rows": rows, "tasks": list(TASKS), **params})
+
+
+def _dispatch(engine: Engine, celery_app: Celery, rows: int, at: datetime) -> None:
+    """Publish the due pending rows with a relay whose clock says ``at``: they are marked
+    dispatched at ``at``, awaiting confirmation, and their messages are queued."""
+    published = Relay(engine, celery_app, clock=lambda: at).drain().published
+    if published != rows:
+        raise RuntimeError(f"published {published} of {rows} awaiting rows")
+
+
+def _check(engine: Engine, now: datetime) -> None:
+    """The backlog is what the module docstring says it is."""
+    stats = collect_stats(engine, now)
+    found = (stats.pending, stats.due, stats.dead, stats.dispatched_last_minute)
+    expected = (PENDING_DUE + PENDING_LATER, PENDING_DUE, DEAD_ROWS, RECENT_ROWS + AWAITING_ROWS)
+    if found != expected:
+        raise RuntimeError(f"pending, due, dead, dispatched last minute: {found}, not {expected}")
+
+
+def _probe(engine: Engine, relay: Relay, now: datetime) -> dict[str, float]:
+    """One call of each probe, each checked; milliseconds."""
+    _, stats_ms = _timed(lambda: collect_stats(engine, now))
+    dead, dead_ms = _timed(lambda: latest_dead(engine, limit=DEAD_LISTED))
+    result, confirmation_ms = _timed(relay.confirmation.run_once)
+    if len(dead) != DEAD_LISTED:
+        raise RuntimeError(f"latest_dead listed {len(dead)} rows, not {DEAD_LISTED}")
+    if result != ConfirmationResult():
+        raise RuntimeError(f"the confirmation pass changed rows: {result}")
+    return {STATS: stats_ms, DEAD: dead_ms, CONFIRMATION: confirmation_ms}
+
+
+def _timed(call: Callable[[], T]) -> tuple[T, float]:
+    start = time.perf_counter()
+    value = call()
+    return value, (time.perf_counter() - start) * 1000
