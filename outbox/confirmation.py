@@ -65,6 +65,9 @@ MAX_BATCHES_PER_RUN = 10
 LOST_AFTER = 10.0
 #: Slack around a broker restart's moment, which Redis reports in whole seconds.
 RESTART_SLACK = timedelta(seconds=2)
+#: Least time between the two checks that find a task's message gone: a message a worker
+#: is taking (popped, not yet recorded as unacknowledged) is gone for a moment.
+ABSENT_TWICE_GAP = timedelta(seconds=2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +137,10 @@ class Confirmation:
         self.probe = probe
         self._clock = clock
         self._timeout = timedelta(seconds=settings.confirm_timeout)
-        # Task ids that were neither queued nor held by a worker at the previous check.
+        # Task ids that were neither queued nor held by a worker at the previous check,
+        # and when that check was.
         self._absent: set[str] = set()
+        self._absent_checked_at: datetime | None = None
 
     def run_once(self) -> ConfirmationResult:
         """Settle confirmed rows, then look for lost data, lost messages, silent tasks."""
@@ -230,6 +235,9 @@ class Confirmation:
     # -- 2. the broker lost one message ---------------------------------------------
 
     def _republish_lost_messages(self, now: datetime) -> ConfirmationResult:
+        if self._absent_checked_at is not None and now - self._absent_checked_at < ABSENT_TWICE_GAP:
+            return ConfirmationResult()  # too soon to tell a message in transit from a lost one
+        self._absent_checked_at = now
         with self.engine.connect() as conn:
             rows = [
                 row

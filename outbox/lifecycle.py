@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Retry
 from celery.signals import (
     task_failure,
     task_postrun,
@@ -185,7 +186,12 @@ class LifecycleTracker:
     def _on_retry(self, request: Any, reason: object, **_: Any) -> None:
         task_id = getattr(request, "id", None)
         if isinstance(task_id, str):
-            error = reason if isinstance(reason, str) else f"{type(reason).__name__}: {reason}"
+            # Celery's Retry says it all ("Retry in 5s: ConnectionError(...)").
+            error = (
+                str(reason)
+                if isinstance(reason, str | Retry)
+                else f"{type(reason).__name__}: {reason}"
+            )
             self._note_error(task_id, error, retry_eta=self._retry_due(reason))
 
     def _retry_due(self, reason: object) -> datetime:

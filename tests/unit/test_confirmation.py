@@ -4,8 +4,9 @@ bounded batches. (On the in-memory broker, which cannot say what it holds: time-
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from outbox import (
     outbox_table,
 )
 from outbox import confirmation as confirmation_module
+from outbox.brokers import BrokerState, OpaqueBrokerProbe
 from tests.unit.conftest import FakeClock, drain_queue
 
 TIMEOUT = 60
@@ -245,3 +247,86 @@ def test_overdue_rows_are_put_back_in_bounded_batches(
     relay.drain()
     clock.advance(TIMEOUT)
     assert [8, 8, 3, 0] == [relay.confirmation.run_once().republished for _ in range(4)]
+
+
+class StubBroker(OpaqueBrokerProbe):
+    """A broker that reports the identity a test gives it (the Redis probe reads it from
+    INFO and a marker key; tests/chaos restarts a real one)."""
+
+    def __init__(self, celery_app: Celery, clock: FakeClock) -> None:
+        super().__init__(celery_app, clock=clock)
+        self.identity = BrokerState("redis://stub:6379/0", "marker-1", "run-1", clock.now)
+
+    def state(self) -> BrokerState:
+        return self.identity
+
+    def restart(self, at: datetime, *, keeps_data: bool = False) -> None:
+        marker = self.identity.data_marker if keeps_data else uuid.uuid4().hex
+        self.identity = BrokerState(self.identity.broker, marker, uuid.uuid4().hex, at)
+
+
+@pytest.fixture
+def broker(celery_app: Celery, clock: FakeClock) -> StubBroker:
+    return StubBroker(celery_app, clock)
+
+
+def test_a_broker_that_lost_its_data_gets_back_what_was_dispatched_before(
+    engine: Engine,
+    celery_app: Celery,
+    session: Session,
+    confirming: Any,
+    clock: FakeClock,
+    broker: StubBroker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Marker gone, new instance: the unconfirmed tasks dispatched before its start are
+    put back (in batches), those dispatched after it are not; a restart that kept its
+    data republishes nothing."""
+    monkeypatch.setattr(confirmation_module, "BATCH_ROWS", 2)
+    relay = Relay(engine, celery_app, OutboxSettings(), clock=clock, probe=broker)
+    outbox = TaskOutbox(celery_app, default_session=lambda: session, clock=clock)
+    before = [outbox.delay(confirming, n).id for n in range(5)]
+    session.commit()
+    relay.drain(maintain=False)
+    first = relay.maintain()
+    assert (0, False) == (first.republished, first.broker_data_lost), "first sight: remembered"
+
+    clock.advance(30)
+    broker.restart(clock.now, keeps_data=True)
+    assert 0 == relay.confirmation.run_once().republished, "the data survived"
+
+    clock.advance(30)
+    broker.restart(clock.now)
+    clock.advance(10)
+    after = outbox.delay(confirming, 99).id
+    session.commit()
+    relay.drain(maintain=False)
+    result = relay.confirmation.run_once()
+    assert (5, True) == (result.republished, result.broker_data_lost)
+    rows = {str(row.task_id): row for row in session.scalars(select(OutboxMessage))}
+    for row in rows.values():
+        session.refresh(row)
+    assert {OutboxStatus.PENDING} == {rows[task_id].status for task_id in before}
+    assert OutboxStatus.DISPATCHED == rows[after].status
+    assert "the broker lost its data" in (rows[before[0]].last_error or "")
+    assert 0 == relay.confirmation.run_once().republished, "once is enough"
+
+
+def test_a_flushed_broker_gets_back_everything_unconfirmed(
+    engine: Engine,
+    celery_app: Celery,
+    tasks: TaskOutbox,
+    session: Session,
+    confirming: Any,
+    clock: FakeClock,
+    broker: StubBroker,
+) -> None:
+    """Same instance, marker gone (FLUSHALL, an empty replica promoted): the moment of the
+    loss is unknown, so every unconfirmed dispatched task is published again."""
+    relay = Relay(engine, celery_app, OutboxSettings(), clock=clock, probe=broker)
+    tasks.delay(confirming, 1)
+    session.commit()
+    relay.drain()
+    clock.advance(3600 * 0.5)
+    broker.identity = BrokerState(broker.identity.broker, "new", broker.identity.run_id, None)
+    assert 1 == relay.confirmation.run_once().republished

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from celery import Celery
+from celery.exceptions import Reject
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, func, select
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
-from outbox import IdempotencyError, ProcessedMessage, idempotent
+from outbox import IdempotencyError, ProcessedMessage, idempotent, is_transient_database_error
 
 effects_metadata = MetaData()
 effects = Table(
@@ -188,3 +192,132 @@ def test_called_as_a_plain_function_it_just_runs_and_commits(
     write()
     db.remove()
     assert 2 == effect_count(db)
+
+
+def connection_lost() -> OperationalError:
+    """What SQLAlchemy raises when the server closes the connection under a statement."""
+    return OperationalError("INSERT ...", {}, ConnectionResetError("server closed the connection"))
+
+
+@pytest.fixture
+def fails_first(celery_app: Celery, db: scoped_session[Session]) -> Callable[..., Any]:
+    """Registers a task that writes its effect, raises ``error`` on its first run, and
+    succeeds after; returns the task."""
+
+    def make(error: Callable[[Any], BaseException], **options: Any) -> Any:
+        @celery_app.task(
+            name=f"unit.fails_first.{uuid.uuid4().hex}", bind=True, shared=False, **options
+        )
+        @idempotent(lambda: db)
+        def task(self: Any) -> str:
+            db.execute(effects.insert().values(task_id=self.request.id))
+            if self.request.retries == 0:
+                raise error(self)
+            return "done"
+
+        return task
+
+    return make
+
+
+def processed_ids(db: scoped_session[Session]) -> list[str]:
+    db.remove()
+    return list(db.scalars(select(ProcessedMessage.task_id)))
+
+
+def test_a_database_failure_is_retried_and_never_recorded(
+    fails_first: Callable[..., Any], db: scoped_session[Session]
+) -> None:
+    """The connection dropped under the run: no effect, no marker, and a retry that runs."""
+    task = fails_first(lambda _: connection_lost())
+    result = task.apply(task_id="t-1")
+    assert "done" == result.get()
+    assert ["t-1"] == list(db.scalars(select(effects.c.task_id))), "the retry's effect only"
+    assert ["t-1"] == processed_ids(db)
+
+
+def test_with_no_retries_left_a_database_failure_fails_unrecorded(
+    celery_app: Celery, db: scoped_session[Session]
+) -> None:
+    """transient_retries=0: the run fails, and its id stays free for the next delivery."""
+
+    @celery_app.task(name="unit.no_retries", bind=True, shared=False)
+    @idempotent(lambda: db, transient_retries=0)
+    def always_down(self: Any) -> None:
+        db.execute(effects.insert().values(task_id=self.request.id))
+        raise connection_lost()
+
+    with pytest.raises(OperationalError):
+        always_down.apply(task_id="t-1", throw=True)
+    assert (0, []) == (effect_count(db), processed_ids(db))
+
+
+def test_an_exception_celery_will_autoretry_is_not_consumed(
+    fails_first: Callable[..., Any], db: scoped_session[Session]
+) -> None:
+    """autoretry_for with retries left: the retry runs (recording the first would skip it)."""
+    task = fails_first(lambda _: TimeoutError("carrier"), autoretry_for=(TimeoutError,))
+    assert "done" == task.apply(task_id="t-1").get()
+    assert ["t-1"] == processed_ids(db)
+    assert 1 == effect_count(db)
+
+
+def test_a_requeued_rejection_is_not_consumed_and_a_final_one_is(
+    fails_first: Callable[..., Any], db: scoped_session[Session]
+) -> None:
+    """Reject(requeue=True) leaves the id for the redelivery; Reject(requeue=False) is final."""
+    again = fails_first(lambda _: Reject("later", requeue=True))
+    again.apply(task_id="requeued")
+    final = fails_first(lambda _: Reject("never", requeue=False))
+    final.apply(task_id="rejected")
+    assert ["rejected"] == processed_ids(db)
+    assert 0 == effect_count(db)
+
+
+def test_a_task_s_own_failure_past_its_retries_is_consumed(
+    fails_first: Callable[..., Any], db: scoped_session[Session]
+) -> None:
+    """An autoretried exception with no retries left is the task's own, final failure."""
+    task = fails_first(
+        lambda _: TimeoutError("carrier"), autoretry_for=(TimeoutError,), max_retries=0
+    )
+    with pytest.raises(TimeoutError):
+        task.apply(task_id="t-1", throw=True)
+    assert ["t-1"] == processed_ids(db)
+    assert 0 == effect_count(db)
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (connection_lost(), True),
+        (sa_exc.InterfaceError("SELECT 1", {}, Exception("connection already closed")), True),
+        (sa_exc.DisconnectionError("pre-ping failed"), True),
+        (sa_exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"), True),
+        (
+            sa_exc.DBAPIError("SELECT 1", {}, Exception("reset"), connection_invalidated=True),
+            True,
+        ),
+        (sa_exc.IntegrityError("INSERT", {}, Exception("duplicate key")), False),
+        (sa_exc.DataError("INSERT", {}, Exception("value too long")), False),
+        (LookupError("order 42 does not exist"), False),
+    ],
+)
+def test_a_database_failure_is_told_from_the_code_s(error: Exception, transient: bool) -> None:
+    """Connection trouble (including the pool's and the server's) is transient; a
+    constraint, a bad value or the code's own exception is not."""
+    assert transient == is_transient_database_error(error)
+
+
+def test_an_exception_raised_because_of_a_lost_connection_is_transient() -> None:
+    """The task wrapped the database's error in its own: the cause still counts."""
+
+    def reserve() -> None:
+        try:
+            raise connection_lost()
+        except OperationalError as e:
+            raise RuntimeError("could not reserve stock") from e
+
+    with pytest.raises(RuntimeError) as raised:
+        reserve()
+    assert is_transient_database_error(raised.value)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from outbox import OutboxMessage, OutboxSettings, OutboxStatus, Relay, TaskOutbox
 from outbox.brokers import OpaqueBrokerProbe
+from outbox.relay import MAINTENANCE_INTERVAL
 from tests.unit.conftest import FakeClock, count_rows, drain_queue
 
 
@@ -352,3 +353,27 @@ def test_a_connection_error_while_the_broker_answers_is_the_rows(
     assert [0, 0, 0, 1, 0] == [rows[task_id].attempts for task_id in ids]
     assert OutboxStatus.PENDING == rows[ids[3]].status
     assert "OperationalError: this message cannot be routed" == rows[ids[3]].last_error
+
+
+def test_a_draining_relay_maintains_at_most_every_few_seconds(
+    relay: Relay, clock: FakeClock
+) -> None:
+    """Heartbeat and confirmation checks run with a drain only when MAINTENANCE_INTERVAL
+    has passed by the relay's clock, however often it drains."""
+    assert relay.drain().confirmation is not None, "a new relay maintains at once"
+    clock.advance(MAINTENANCE_INTERVAL - 0.1)
+    assert relay.drain().confirmation is None
+    assert relay.drain(maintain=False).confirmation is None
+    clock.advance(0.1)
+    assert relay.drain().confirmation is not None
+
+
+def test_a_drain_ends_when_its_time_is_up(
+    tasks: TaskOutbox, session: Session, relay: Relay
+) -> None:
+    """A drain with rows left stops after the batch in hand once max_seconds is spent."""
+    for i in range(25):
+        tasks.delay("unit.add", i, i)
+    session.commit()
+    drained = relay.drain(max_seconds=1e-9)
+    assert (1, 10) == (drained.batches, drained.published)

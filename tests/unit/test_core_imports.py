@@ -1,0 +1,18 @@
+"""The core stands alone: importing it loads no web framework."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_the_core_imports_neither_flask_nor_any_web_framework() -> None:
+    """`import outbox` (and its relay and confirmation) leaves Flask and Werkzeug unloaded."""
+    check = (
+        "import sys, outbox, outbox.relay, outbox.relay_loop, outbox.confirmation; "
+        "print(sorted(m for m in ('flask', 'werkzeug', 'flask_sqlalchemy') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert "[]" == result.stdout.strip()
