@@ -19,7 +19,7 @@ T = TypeVar("T")
 @dataclass(frozen=True, slots=True)
 class Sizes:
     """How much work each section does per run. ``FULL`` keeps a whole run of ``python -m
-    bench`` within about ten minutes on two cores; ``QUICK`` only proves every path works."""
+    bench`` within about fifteen minutes on two cores; ``QUICK`` only proves every path works."""
 
     #: Requests per variant per run (request path).
     requests: int

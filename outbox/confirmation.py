@@ -258,7 +258,9 @@ class Confirmation:
         self._absent = absent - {row.task_id for row in lost}
         if not lost:
             return ConfirmationResult()
-        result = self._give_another_delivery(
+        result = self._give_up_on_expired([row for row in lost if _expired(row.options, now)])
+        lost = [row for row in lost if not _expired(row.options, now)]
+        result += self._give_another_delivery(
             lost, now, "its message was neither queued nor held by a worker at two checks"
         )
         logger.warning(
@@ -346,11 +348,9 @@ class Confirmation:
         result = ConfirmationResult(
             extended=sum(
                 self._update_ids(ids, confirm_deadline=deadline) for deadline, ids in later.items()
-            ),
-            expired=self._update_ids(
-                expired, confirm_deadline=None, last_error="expired before any consumer ran it"
-            ),
+            )
         )
+        result += self._give_up_on_expired(expired)
         if silent:
             reason = (
                 f"no consumer recorded this task as processed within "
@@ -382,6 +382,15 @@ class Confirmation:
         return [
             _Watched(**{**row._mapping, "task_id": str(row.task_id)}) for row in conn.execute(query)
         ]
+
+    def _give_up_on_expired(self, rows: Iterable[_Watched | int]) -> ConfirmationResult:
+        """Stop watching tasks whose ``expires`` has passed: a worker discards them unrun,
+        so no consumer will confirm them, and publishing them again is pointless."""
+        ids = [row if isinstance(row, int) else row.id for row in rows]
+        expired = self._update_ids(
+            ids, confirm_deadline=None, last_error="expired before any consumer ran it"
+        )
+        return ConfirmationResult(expired=expired)
 
     def _give_another_delivery(
         self, rows: Iterable[_Watched], now: datetime, reason: str

@@ -91,3 +91,33 @@ def test_only_the_task_the_broker_no_longer_holds_is_published_again(
     } == statuses(engine)
     assert 1 == relay.drain(maintain=False).published
     assert lost in {m["headers"]["id"] for m in broker_messages(redis_client, queue)}
+
+
+def test_behind_a_backlog_too_long_to_read_the_broker_cannot_tell(
+    engine: Engine,
+    celery_app: Celery,
+    redis_client: redis.Redis,
+    queue: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More messages than MAX_MESSAGES_READ: nothing is read, so nothing is taken for lost
+    (the task waits for its confirmation timeout instead)."""
+    from outbox.brokers import redis as redis_probe
+
+    order_id = make_order(engine)
+    with Session(engine) as session:
+        for _ in range(3):
+            TaskOutbox(celery_app).apply_async(
+                reserve_stock, args=(order_id,), queue=queue, session=session
+            )
+        session.commit()
+    clock = Clock()
+    relay = Relay(engine, celery_app, clock=clock)
+    assert 3 == relay.drain(maintain=False).published
+    monkeypatch.setattr(redis_probe, "MAX_MESSAGES_READ", 2)
+    assert relay.probe.held_task_ids({queue}) is None
+    redis_client.delete(queue)  # lost, all three: but behind a "backlog" it cannot see
+    monkeypatch.setattr(redis_probe, "MAX_MESSAGES_READ", -1)  # any count is too many
+    for _ in range(2):
+        clock.advance(LOST_AFTER + ABSENT_TWICE_GAP.total_seconds())
+        assert 0 == relay.confirmation.run_once().republished

@@ -179,6 +179,7 @@ def test_outbox_status_table_is_readable(app: Flask) -> None:
     result = app.test_cli_runner().invoke(args=["outbox", "status"])
     assert 0 == result.exit_code, result.output
     assert "pending" in result.output
+    assert "dispatched (estimate)" in result.output, "a figure that is not counted says so"
     assert "oldest due pending row: none" in result.output
 
 
@@ -222,3 +223,24 @@ def test_outbox_inspect_of_an_unknown_task_says_so(app: Flask) -> None:
     result = app.test_cli_runner().invoke(args=["outbox", "inspect", unknown])
     assert 1 == result.exit_code
     assert f"no outbox row has task id {unknown}" in result.output
+
+
+def test_the_example_redelivers_what_a_dead_worker_held_within_about_a_minute() -> None:
+    """Redis gives back a dead worker's messages after 60 s, looked for every 5 s, and its
+    restore lock lasts 30 s: the settings the README's redelivery figures rest on."""
+    from webapp.config import REDIS_TRANSPORT_OPTIONS
+
+    assert {
+        "visibility_timeout": 60,
+        "unacked_restore_interval": 5,
+        "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": 30,
+    }.items() <= REDIS_TRANSPORT_OPTIONS.items()
+
+
+def test_the_example_tests_pooled_connections_except_on_sqlite() -> None:
+    """pool_pre_ping on a server database; SQLite has no connection to lose."""
+    from webapp.config import engine_options
+
+    assert engine_options("postgresql+psycopg://u@h/db")["pool_pre_ping"] is True
+    assert "pool_pre_ping" not in engine_options("sqlite:///:memory:")
