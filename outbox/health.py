@@ -38,6 +38,11 @@ class OutboxHealth:
         return self.lagging is None and self.no_relay is None
 
     @property
+    def problems(self) -> list[str]:
+        """What ``/healthz`` fails on, in plain words, most urgent first."""
+        return [problem for problem in (self.no_relay, self.lagging) if problem]
+
+    @property
     def headline(self) -> str:
         """OK, LAGGING, NO RELAY (what ``/healthz`` fails on) or DEAD ROWS."""
         if self.no_relay is not None:

@@ -374,7 +374,7 @@ def status_command(as_json: bool) -> None:
     max_lag = float(current_app.config.get("OUTBOX_HEALTH_MAX_LAG", DEFAULT_MAX_LAG))
     health = assess(stats, max_lag)
     if as_json:
-        click.echo(json.dumps({**stats.as_dict(), "problems": _problems(health)}))
+        click.echo(json.dumps({**stats.as_dict(), "problems": health.problems}))
         return
     table = Table(title="celery-outbox")
     table.add_column("status")
@@ -399,12 +399,8 @@ def status_command(as_json: bool) -> None:
     console.print(f"dispatched in the last minute: {stats.dispatched_last_minute}")
     for relay in stats.relays:
         console.print(f"{relay.name} last ran {relay.last_seen_seconds_ago:.1f}s ago")
-    for problem in _problems(health):
+    for problem in health.problems:
         console.print(f"[bold red]{problem}[/]")
-
-
-def _problems(health: Any) -> list[str]:
-    return [problem for problem in (health.no_relay, health.lagging) if problem]
 
 
 @outbox_cli.command("inspect")
