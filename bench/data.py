@@ -12,8 +12,9 @@ import json
 from typing import Any
 
 import redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 
+from outbox import create_tables
 from tests.redis_claim import REDIS_CLAIM_KEY
 
 #: The queue the example's tasks go to (``task_default_queue``).
@@ -105,3 +106,15 @@ def empty_queue(client: redis.Redis, queue: str = DEFAULT_QUEUE) -> None:
     keys = queue_keys(queue)
     assert REDIS_CLAIM_KEY not in keys
     client.delete(*keys)
+
+
+def schema_of_its_own(engine: Engine, database_url: str, schema: str) -> Engine:
+    """A fresh ``schema`` holding the outbox's tables, and an engine whose connections
+    find them first (``search_path``): the relay's own statements then run unchanged
+    against a table of the size a section wants."""
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    own = create_engine(database_url, connect_args={"options": f"-c search_path={schema}"})
+    create_tables(own)
+    return own

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import time
 
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, text
 
 from bench.context import Context, rotated
-from bench.data import add_dispatched, add_pending, analyze
+from bench.data import add_dispatched, add_pending, analyze, schema_of_its_own
 from bench.results import RATIO, Figure, Target, median, ratios
-from outbox import OutboxSettings, Relay, create_tables
+from outbox import OutboxSettings, Relay
 
 SECTION = "backlog"
 
@@ -118,14 +118,7 @@ def _schema(level: int) -> str:
 def _fill(ctx: Context, level: int, pending: int) -> Engine:
     """Make the level's schema and table and fill them; return an engine whose connections
     find that table first (``search_path``)."""
-    schema = _schema(level)
-    with ctx.engine.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    engine = create_engine(
-        ctx.services.database_url, connect_args={"options": f"-c search_path={schema}"}
-    )
-    create_tables(engine)
+    engine = schema_of_its_own(ctx.engine, ctx.services.database_url, _schema(level))
     add_dispatched(engine, level)
     add_pending(engine, pending)
     analyze(engine, vacuum=True)

@@ -52,12 +52,12 @@ from celery.result import (  # type: ignore[attr-defined]
     _set_task_join_will_block,
     task_join_will_block,
 )
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 
 from bench.context import Context, rotated
-from bench.data import add_dispatched, empty_queue
+from bench.data import add_dispatched, empty_queue, schema_of_its_own
 from bench.results import RATIO, Figure, Target, median, ratios
-from outbox import ConfirmationResult, Relay, collect_stats, create_tables
+from outbox import ConfirmationResult, Relay, collect_stats
 from outbox.clock import utcnow
 from outbox.confirmation import LOST_AFTER
 from outbox.search import latest_dead
@@ -222,14 +222,7 @@ def _queue(level: int) -> str:
 def _fill(ctx: Context, level: int, now: datetime) -> Engine:
     """Make the level's schema and tables and fill them (see the module docstring); return
     an engine whose connections find those tables first (``search_path``)."""
-    schema = _schema(level)
-    with ctx.engine.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    engine = create_engine(
-        ctx.services.database_url, connect_args={"options": f"-c search_path={schema}"}
-    )
-    create_tables(engine)
+    engine = schema_of_its_own(ctx.engine, ctx.services.database_url, _schema(level))
     add_dispatched(engine, level)
     due = now - timedelta(minutes=1)
     for age in AWAITING_AGES:
