@@ -258,8 +258,9 @@ class Confirmation:
         self._absent = absent - {row.task_id for row in lost}
         if not lost:
             return ConfirmationResult()
-        result = self._give_up_on_expired([row for row in lost if _expired(row.options, now)])
-        lost = [row for row in lost if not _expired(row.options, now)]
+        expired = [row for row in lost if _expired(row.options, now)]
+        lost = [row for row in lost if row not in expired]
+        result = self._give_up_on_expired(expired)
         result += self._give_another_delivery(
             lost, now, "its message was neither queued nor held by a worker at two checks"
         )
@@ -326,7 +327,7 @@ class Confirmation:
 
     def _judge_overdue(self, rows: list[_Watched], now: datetime) -> ConfirmationResult:
         later: dict[datetime, list[int]] = {}
-        expired: list[int] = []
+        expired: list[_Watched] = []
         silent: list[_Watched] = []
         for row in rows:
             if row.status != OutboxStatus.DISPATCHED:
@@ -336,7 +337,7 @@ class Confirmation:
             elif (alive_until := _last_sign_of_life(row) + self._timeout) > now:
                 later.setdefault(alive_until, []).append(row.id)
             elif _expired(row.options, now):
-                expired.append(row.id)
+                expired.append(row)
             else:
                 silent.append(row)
         held = self._held(silent) or set()
@@ -383,12 +384,13 @@ class Confirmation:
             _Watched(**{**row._mapping, "task_id": str(row.task_id)}) for row in conn.execute(query)
         ]
 
-    def _give_up_on_expired(self, rows: Iterable[_Watched | int]) -> ConfirmationResult:
+    def _give_up_on_expired(self, rows: list[_Watched]) -> ConfirmationResult:
         """Stop watching tasks whose ``expires`` has passed: a worker discards them unrun,
         so no consumer will confirm them, and publishing them again is pointless."""
-        ids = [row if isinstance(row, int) else row.id for row in rows]
         expired = self._update_ids(
-            ids, confirm_deadline=None, last_error="expired before any consumer ran it"
+            [row.id for row in rows],
+            confirm_deadline=None,
+            last_error="expired before any consumer ran it",
         )
         return ConfirmationResult(expired=expired)
 

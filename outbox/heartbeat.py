@@ -32,12 +32,12 @@ class RelayKind(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class RelaySeen:
-    """One relay's latest run."""
+class RelayRun:
+    """When one relay (kind and host) last ran."""
 
     name: str
     kind: str
-    last_seen_at: datetime
+    last_seen_seconds_ago: float
 
 
 class Heartbeat:
@@ -59,10 +59,13 @@ class Heartbeat:
             conn.execute(statement)
 
 
-def relays_seen(conn: Connection) -> list[RelaySeen]:
+def relays_seen(conn: Connection, now: datetime) -> list[RelayRun]:
     """Every relay that has run, latest first (the table holds a row per kind and host)."""
     query = select(_r.name, _r.kind, _r.last_seen_at).order_by(_r.last_seen_at.desc())
-    return [RelaySeen(*row) for row in conn.execute(query)]
+    return [
+        RelayRun(name, kind, max(0.0, (now - last_seen_at).total_seconds()))
+        for name, kind, last_seen_at in conn.execute(query)
+    ]
 
 
 def forget_relays(engine: Engine, seen_before: datetime) -> int:

@@ -37,7 +37,7 @@ from celery.signals import (
     worker_shutdown,
 )
 from sqlalchemy import Integer, Text, Update, bindparam, case, func, or_, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from outbox.clock import utcnow
 from outbox.schema import outbox_table
@@ -112,6 +112,8 @@ class LifecycleTracker:
         self._writer_pid: int | None = None
         self._exit_flush_pid: int | None = None
         self._connected = False
+        # The UPDATE for this engine's database, built at the first write.
+        self._statement: Update | None = None
 
     def connect(self) -> LifecycleTracker:
         """Start recording (idempotent). Signals are process-wide, as in Celery."""
@@ -153,9 +155,7 @@ class LifecycleTracker:
             return 0
         try:
             with self._resolve_engine().connect() as conn:
-                # A database crash may lose the last moment's records, never task data.
-                statement = store_for(conn).relaxed_durability(_RECORD_STATEMENT)
-                conn.execute(statement, batch)
+                conn.execute(self._record_statement(conn), batch)
                 conn.commit()
         except Exception:
             logger.warning(
@@ -166,6 +166,12 @@ class LifecycleTracker:
             )
             return 0
         return len(batch)
+
+    def _record_statement(self, conn: Connection) -> Update:
+        if self._statement is None:
+            # A database crash may lose the last moment's records, never task data.
+            self._statement = store_for(conn).relaxed_durability(_RECORD_STATEMENT)
+        return self._statement
 
     def _on_prerun(self, task_id: str, task: Task, **_: Any) -> None:  # type: ignore[type-arg]
         row_id = row_id_of(task)

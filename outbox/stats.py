@@ -19,20 +19,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 
-from outbox.heartbeat import relays_seen
+from outbox.heartbeat import RelayRun, relays_seen
 from outbox.schema import OutboxStatus, outbox_table
 from outbox.stores import store_for
 
 _t = outbox_table.c
-
-
-@dataclass(frozen=True, slots=True)
-class RelayRun:
-    """When one relay (kind and host) last ran."""
-
-    name: str
-    kind: str
-    last_seen_seconds_ago: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +73,7 @@ def collect_stats(bind: Engine | Connection, now: datetime) -> OutboxStats:
             )
         ).scalar_one()
         rows = store_for(conn).estimated_rows(conn, outbox_table)
-        relays = [
-            RelayRun(seen.name, seen.kind, max(0.0, (now - seen.last_seen_at).total_seconds()))
-            for seen in relays_seen(conn)
-        ]
+        relays = relays_seen(conn, now)
     pending = sum(counts.get(OutboxStatus.PENDING, 0) for counts in by_task.values())
     dead = sum(counts.get(OutboxStatus.DEAD, 0) for counts in by_task.values())
     return OutboxStats(

@@ -49,7 +49,8 @@ class BrokerState:
 
 
 class BrokerProbe(ABC):
-    """Questions about one Celery app's broker, each on a fresh, bounded connection."""
+    """Questions about one Celery app's broker, each bounded by the transport's
+    timeouts; ``reachable`` always on a fresh connection."""
 
     def __init__(self, celery_app: Celery, *, clock: Clock = utcnow) -> None:
         self.celery_app = celery_app

@@ -25,6 +25,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from sqlalchemy import select
 
+from outbox.brokers import BrokerProbe, probe_for
 from outbox.clock import utcnow
 from outbox.dead_letters import retry_dead
 from outbox.enqueue import SessionLike, TaskOutbox, TaskRef
@@ -56,15 +57,24 @@ class _OutboxState:
     settings: OutboxSettings
     tasks: TaskOutbox
     _relay: Relay | None = field(default=None, repr=False)
+    _probe: BrokerProbe | None = field(default=None, repr=False)
+
+    @property
+    def probe(self) -> BrokerProbe:
+        """The app's broker probe, shared by its relays and ``/healthz``."""
+        if self._probe is None:
+            self._probe = probe_for(self.celery_app)
+        return self._probe
 
     @property
     def relay(self) -> Relay:
         # db.engine needs an application context, so build the relay on first use.
         if self._relay is None:
-            self._relay = Relay(
-                self.db.engine, self.celery_app, self.settings, kind=RelayKind.SWEEP
-            )
+            self._relay = self.new_relay(RelayKind.SWEEP)
         return self._relay
+
+    def new_relay(self, kind: RelayKind) -> Relay:
+        return Relay(self.db.engine, self.celery_app, self.settings, kind=kind, probe=self.probe)
 
 
 class Outbox:
@@ -225,7 +235,7 @@ def relay_command(poll_interval: float, metrics_port: int | None, heartbeat: Pat
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
     state: _OutboxState = current_app.extensions[EXTENSION_NAME]
-    relay = Relay(state.db.engine, state.celery_app, state.settings, kind=RelayKind.RELAY)
+    relay = state.new_relay(RelayKind.RELAY)
     # Like a worker, this process never waits for task results: without this, Celery
     # subscribes it to every published task's result channel (Redis result backend)
     # and the subscriptions only ever grow.

@@ -9,7 +9,6 @@ from flask import Blueprint, Response, current_app
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from outbox.brokers import probe_for
 from outbox.clock import utcnow
 from outbox.contrib.flask import EXTENSION_NAME
 from outbox.health import DEFAULT_MAX_LAG, assess
@@ -69,7 +68,7 @@ def monitoring_blueprint() -> Blueprint:
                 if stats.last_relay_run_seconds_ago is None
                 else round(stats.last_relay_run_seconds_ago, 1)
             )
-        checks["broker"] = "ok" if probe_for(state.celery_app).reachable() else "unreachable"
+        checks["broker"] = "ok" if state.probe.reachable() else "unreachable"
         healthy = all(
             checks.get(name) == "ok" for name in ("database", "outbox", "relay", "broker")
         )

@@ -110,7 +110,7 @@ def test_cleanup_task_applies_both_retentions(
     cleanup = register_cleanup_task(celery_app, relay=lambda: relay)
     assert {"outbox_rows": 1, "processed_rows": 0, "relays_forgotten": 1} == cleanup.run()
     with engine.connect() as conn:
-        assert ["sweep@here"] == [seen.name for seen in relays_seen(conn)]
+        assert ["sweep@here"] == [seen.name for seen in relays_seen(conn, NOW)]
 
 
 @pytest.mark.parametrize(
