@@ -6,14 +6,17 @@ relay publishes it after commit under a task id fixed at enqueue time.
 
 from outbox.confirmation import ConfirmationResult
 from outbox.dead_letters import retry_dead
-from outbox.enqueue import SessionLike, TaskOutbox
+from outbox.enqueue import OrderedOutbox, SessionLike, TaskOutbox
 from outbox.errors import (
     ArgumentNotSerializableError,
     IdempotencyError,
     InvalidOptionError,
+    InvalidOrderingKeyError,
     InvalidSearchError,
     InvalidSettingError,
+    KeyNotBlockedError,
     MissingSessionError,
+    OrderingNotTrackedError,
     OutboxError,
     PayloadTooLargeError,
     QueueNotDeclaredError,
@@ -24,6 +27,7 @@ from outbox.errors import (
 from outbox.heartbeat import RelayKind
 from outbox.idempotency import ProcessedMessage, idempotent
 from outbox.options import SUPPORTED_OPTIONS
+from outbox.ordering import KeyState, OnFailure, UnblockAction, active_keys, unblock
 from outbox.relay import BatchResult, DrainResult, Relay
 from outbox.schema import OutboxMessage, OutboxStatus, create_tables, metadata, outbox_table
 from outbox.settings import OutboxSettings
@@ -38,9 +42,15 @@ __all__ = [
     "DrainResult",
     "IdempotencyError",
     "InvalidOptionError",
+    "InvalidOrderingKeyError",
     "InvalidSearchError",
     "InvalidSettingError",
+    "KeyNotBlockedError",
+    "KeyState",
     "MissingSessionError",
+    "OnFailure",
+    "OrderedOutbox",
+    "OrderingNotTrackedError",
     "OutboxError",
     "OutboxMessage",
     "OutboxSettings",
@@ -54,8 +64,10 @@ __all__ = [
     "SessionLike",
     "TaskNotRegisteredError",
     "TaskOutbox",
+    "UnblockAction",
     "UnsupportedDatabaseError",
     "UnsupportedOptionError",
+    "active_keys",
     "collect_stats",
     "create_tables",
     "idempotent",
@@ -63,4 +75,5 @@ __all__ = [
     "metadata",
     "outbox_table",
     "retry_dead",
+    "unblock",
 ]

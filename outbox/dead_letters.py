@@ -6,10 +6,10 @@ import uuid
 from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import or_, update
+from sqlalchemy import exists, or_, update
 from sqlalchemy.engine import Connection
 
-from outbox.schema import OutboxStatus, outbox_table
+from outbox.schema import OutboxStatus, keys_table, outbox_table
 
 _t = outbox_table.c
 
@@ -35,5 +35,24 @@ def retry_dead(
     ids, task_ids = list(ids), list(task_ids)
     if ids or task_ids:
         query = query.where(or_(_t.id.in_(ids), _t.task_id.in_(task_ids)))
-    result = conn.execute(query.values(status=OutboxStatus.PENDING, attempts=0, available_at=now))
+    result = conn.execute(
+        query.values(status=OutboxStatus.PENDING, attempts=0, available_at=now, task_state=None)
+    )
+    _unblock_revived_heads(conn)
     return int(result.rowcount)
+
+
+def _unblock_revived_heads(conn: Connection) -> None:
+    """A key stopped at a dead task that is now pending again is no longer blocked: it
+    goes on when that task finishes (``outbox.ordering``)."""
+    k = keys_table.c
+    revived = exists().where(
+        _t.ordering_key == k.key,
+        _t.ordering_seq == k.head_seq,
+        _t.status == OutboxStatus.PENDING,
+    )
+    conn.execute(
+        update(keys_table)
+        .where(k.blocked_at.is_not(None), revived)
+        .values(blocked_at=None, blocked_reason=None)
+    )

@@ -19,15 +19,19 @@ from sqlalchemy.orm import Session, scoped_session
 from outbox.clock import utcnow
 from outbox.errors import (
     MissingSessionError,
+    OrderingNotTrackedError,
     PayloadTooLargeError,
     QueueNotDeclaredError,
     TaskNotRegisteredError,
     UnsupportedOptionError,
 )
+from outbox.idempotency import confirms_processing
 from outbox.options import resolve_options
-from outbox.schema import OutboxMessage, OutboxStatus, outbox_table
+from outbox.ordering import check_key
+from outbox.schema import OutboxMessage, OutboxStatus, keys_table, outbox_table
 from outbox.serialization import encode
 from outbox.settings import OutboxSettings
+from outbox.stores import store_for
 from outbox.tracing import current_trace_headers
 
 #: What a task can be enqueued into: the caller's ORM session or Core connection.
@@ -46,6 +50,7 @@ class EnqueuedTask:
     kwargs: dict[str, Any]
     options: dict[str, Any]
     available_at: datetime
+    ordering_key: str | None = None
 
 
 class TaskOutbox:
@@ -87,6 +92,7 @@ class TaskOutbox:
         kwargs: Mapping[str, Any] | None = None,
         *,
         session: SessionLike | None = None,
+        ordering_key: str | None = None,
         **options: Any,
     ) -> AsyncResult[Any]:
         """Outbox form of ``task.apply_async(args, kwargs, **options)``.
@@ -104,8 +110,19 @@ class TaskOutbox:
         :class:`~outbox.UnsupportedOptionError`. Arguments must serialize with Celery's
         JSON serializer (:class:`~outbox.ArgumentNotSerializableError` otherwise) and fit
         in ``settings.max_payload_bytes`` (:class:`~outbox.PayloadTooLargeError`).
+
+        With ``ordering_key``, the task runs only after every task enqueued earlier with
+        the same key has finished, in the order their transactions commit
+        (``outbox.ordering``). The key's row stays locked until the caller's transaction
+        ends, so enqueue ordered tasks last, just before the commit: another writer to
+        the same key waits for it. The task must be able to report that it finished: an
+        idempotent consumer, or any task while lifecycle tracking is on
+        (:class:`~outbox.OrderingNotTrackedError` otherwise).
         """
         name = self._registered_name(task)
+        if ordering_key is not None:
+            ordering_key = check_key(ordering_key)
+            self._check_reports_finish(name)
         now = self._clock()
         resolved = resolve_options(options, now)
         if not self.celery_app.conf.task_create_missing_queues:
@@ -137,6 +154,13 @@ class TaskOutbox:
             "available_at": resolved.available_at,
         }
         target = session if session is not None else self._session()
+        if ordering_key is not None:
+            bind = target if isinstance(target, Connection) else target.get_bind()
+            seq, holds_key = store_for(bind).next_in_line(target, keys_table, ordering_key, now)
+            values["ordering_key"] = ordering_key
+            values["ordering_seq"] = seq
+            if not holds_key:
+                values["status"] = OutboxStatus.HELD
         if isinstance(target, Connection):
             target.execute(insert(outbox_table).values(values))
         else:
@@ -149,13 +173,19 @@ class TaskOutbox:
                 kwargs=wire_kwargs,
                 options=publish,
                 available_at=resolved.available_at,
+                ordering_key=ordering_key,
             )
             for observe in self.observers:
                 observe(enqueued)
         return self.celery_app.AsyncResult(str(task_id))
 
     def enqueue(
-        self, signature: Signature[Any], /, *, session: SessionLike | None = None
+        self,
+        signature: Signature[Any],
+        /,
+        *,
+        session: SessionLike | None = None,
+        ordering_key: str | None = None,
     ) -> AsyncResult[Any]:
         """Enqueue a Celery signature, e.g. ``task.s(order_id).set(queue="mail")``.
 
@@ -173,7 +203,23 @@ class TaskOutbox:
             args=signature.args,
             kwargs=signature.kwargs,
             session=session,
+            ordering_key=ordering_key,
             **signature.options,
+        )
+
+    def ordered(self, ordering_key: str) -> OrderedOutbox:
+        """The outbox with every task enqueued under ``ordering_key``:
+        ``outbox.ordered(f"order:{order.id}").delay(notify, order.id)``."""
+        return OrderedOutbox(self, check_key(ordering_key))
+
+    def _check_reports_finish(self, name: str) -> None:
+        if self.settings.track_lifecycle or confirms_processing(self.celery_app.tasks[name]):
+            return
+        raise OrderingNotTrackedError(
+            f"task {name!r} cannot be enqueued with an ordering key: it is not an idempotent "
+            "consumer (@outbox.idempotent) and lifecycle tracking is off "
+            "(OUTBOX_TRACK_LIFECYCLE), so nothing would report that it finished and its "
+            "key would never go on. Make it idempotent, or turn lifecycle tracking on."
         )
 
     def _registered_name(self, task: TaskRef) -> str:
@@ -212,3 +258,36 @@ class TaskOutbox:
                 "SQLAlchemy Session or Connection whose transaction the task belongs to."
             )
         return self._default_session()
+
+
+@dataclass(frozen=True, slots=True)
+class OrderedOutbox:
+    """:meth:`TaskOutbox.delay`, :meth:`~TaskOutbox.apply_async` and
+    :meth:`~TaskOutbox.enqueue` with one ordering key (:meth:`TaskOutbox.ordered`)."""
+
+    outbox: TaskOutbox
+    ordering_key: str
+
+    def delay(self, task: TaskRef, /, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
+        return self.outbox.apply_async(
+            task, args=args, kwargs=kwargs, ordering_key=self.ordering_key
+        )
+
+    def apply_async(
+        self,
+        task: TaskRef,
+        /,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        session: SessionLike | None = None,
+        **options: Any,
+    ) -> AsyncResult[Any]:
+        return self.outbox.apply_async(
+            task, args, kwargs, session=session, ordering_key=self.ordering_key, **options
+        )
+
+    def enqueue(
+        self, signature: Signature[Any], /, *, session: SessionLike | None = None
+    ) -> AsyncResult[Any]:
+        return self.outbox.enqueue(signature, session=session, ordering_key=self.ordering_key)

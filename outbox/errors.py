@@ -57,3 +57,15 @@ class InvalidSearchError(OutboxError):
 
 class UnsupportedDatabaseError(OutboxError):
     """The outbox's tables are in a database the outbox does not support."""
+
+
+class InvalidOrderingKeyError(OutboxError):
+    """An ordering key is not a string of 1 to 255 characters."""
+
+
+class OrderingNotTrackedError(OutboxError):
+    """An ordered task cannot report when it has finished, so its key could never go on."""
+
+
+class KeyNotBlockedError(OutboxError):
+    """The ordering key is not blocked: there is nothing to retry or skip."""

@@ -4,7 +4,8 @@ One judgement for ``/healthz``, the dashboard's headline and ``flask outbox stat
 they never disagree. Two things can be wrong with the outbox itself: a due row has
 waited longer than ``max_lag`` (the relay is behind, or stuck), or no relay has run for
 that long (none is running: nothing publishes anything, and with nothing pending yet
-that shows nowhere else). Dead rows are shown, never judged: they wait for a person.
+that shows nowhere else). Dead rows and blocked ordering keys are shown, never judged:
+they wait for a person.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class OutboxHealth:
     #: Why no relay counts as running.
     no_relay: str | None
     dead: int
+    #: Ordering keys stopped at a failed task: shown, like dead rows, never failed on.
+    blocked_keys: int = 0
 
     @property
     def ok(self) -> bool:
@@ -44,11 +47,13 @@ class OutboxHealth:
 
     @property
     def headline(self) -> str:
-        """OK, LAGGING, NO RELAY (what ``/healthz`` fails on) or DEAD ROWS."""
+        """OK, LAGGING, NO RELAY (what ``/healthz`` fails on), BLOCKED KEYS or DEAD ROWS."""
         if self.no_relay is not None:
             return "NO RELAY"
         if self.lagging is not None:
             return "LAGGING"
+        if self.blocked_keys:
+            return "BLOCKED KEYS"
         return "DEAD ROWS" if self.dead else "OK"
 
 
@@ -63,5 +68,8 @@ def assess(stats: OutboxStats, max_lag: float = DEFAULT_MAX_LAG) -> OutboxHealth
     else:
         no_relay = None
     return OutboxHealth(
-        lagging=lagging if lag > max_lag else None, no_relay=no_relay, dead=stats.dead
+        lagging=lagging if lag > max_lag else None,
+        no_relay=no_relay,
+        dead=stats.dead,
+        blocked_keys=stats.blocked_keys,
     )

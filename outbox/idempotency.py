@@ -133,7 +133,7 @@ def idempotent(
                 if is_transient_database_error(error):
                     _retry_later(error, transient_retries)
                     raise
-                _record_consumed(db, task_id, name)
+                _record_consumed(db, task_id, name, f"{type(error).__name__}: {error}")
                 raise
 
         # Tells the relay this consumer records what it processed, so a dispatched task
@@ -169,8 +169,19 @@ def _run_once(
     with _guarded(db):
         result = function(*args, **kwargs)
     _check_still_claimed(db, transaction, marker)
+    _hand_on_key(db)
     db.commit()
     return result
+
+
+def _hand_on_key(db: Session | scoped_session[Session], error: str | None = None) -> None:
+    """An ordered task's key goes to its next task in the transaction that records this
+    one, so a crash can never leave one done without the other (``outbox.ordering``)."""
+    from outbox.ordering import finish, place_of  # ordering reads this module's table
+
+    place = place_of(getattr(current_task, "request", None))
+    if place is not None:
+        finish(db, place, utcnow(), error=error)
 
 
 def _runs_again(error: BaseException) -> bool:
@@ -287,10 +298,15 @@ def _discard(db: Session | scoped_session[Session]) -> None:
         db.close()
 
 
-def _record_consumed(db: Session | scoped_session[Session], task_id: str, name: str) -> None:
-    """Record a task that failed on its own as consumed, in a transaction of its own."""
+def _record_consumed(
+    db: Session | scoped_session[Session], task_id: str, name: str, error: str
+) -> None:
+    """Record a task that failed on its own as consumed, in a transaction of its own
+    (with its ordering key stopped at it)."""
     try:
         db.add(ProcessedMessage(task_id=task_id, task_name=name, processed_at=utcnow()))
+        db.flush()
+        _hand_on_key(db, error)
         db.commit()
     except IntegrityError:
         _discard(db)

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,6 +40,8 @@ from sqlalchemy import Integer, Text, Update, bindparam, case, func, or_, update
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.clock import utcnow
+from outbox.idempotency import confirms_processing
+from outbox.ordering import FINAL_STATES, Place, finish, place_of
 from outbox.schema import outbox_table
 from outbox.stores import store_for
 
@@ -53,6 +55,8 @@ MAX_ERROR_LENGTH = 2000
 DEFAULT_FLUSH_INTERVAL = 0.25
 #: Outcomes that trigger a write before the interval is up.
 MAX_BATCH = 500
+#: Writes a key's hand-over is retried at before it is left to the relays' key keeper.
+HAND_OVER_TRIES = 20
 
 _t = outbox_table.c
 
@@ -64,6 +68,19 @@ class _Run:
     error: str | None = None
     #: When a retry this run asked for is due.
     retry_eta: datetime | None = None
+    #: The ordering key this run holds, when its end hands the key on (tasks that are
+    #: not idempotent consumers: those hand it on themselves).
+    place: Place | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _HandOver:
+    """An ordering key to hand on, because the run holding it ended."""
+
+    place: Place
+    finished_at: datetime
+    error: str | None
+    tries: int = 0
 
 
 def row_id_of(task: Task) -> int | None:  # type: ignore[type-arg]
@@ -114,6 +131,8 @@ class LifecycleTracker:
         self._connected = False
         # The UPDATE for this engine's database, built at the first write.
         self._statement: Update | None = None
+        # Ordering keys whose hand-over could not be written yet: retried at each flush.
+        self._hand_overs: list[_HandOver] = []
 
     def connect(self) -> LifecycleTracker:
         """Start recording (idempotent). Signals are process-wide, as in Celery."""
@@ -149,6 +168,7 @@ class LifecycleTracker:
             return self._flush()
 
     def _flush(self) -> int:
+        self._write_hand_overs()
         with self._lock:
             batch, self._pending = self._pending, []
         if not batch:
@@ -178,6 +198,8 @@ class LifecycleTracker:
         if row_id is None:
             return
         run = _Run(row_id, self._clock())
+        if not confirms_processing(task):
+            run.place = place_of(task.request)
         with self._lock:
             self._runs[task_id] = run
         if self.track_started:
@@ -224,7 +246,45 @@ class LifecycleTracker:
         state = (state or "UNKNOWN")[:16]
         finished_at = self._clock()
         self._queue(run.row_id, state, run.started_at, finished_at, run.error, run.retry_eta, ran=1)
+        if run.place is not None and state in FINAL_STATES:
+            # Written at once, before a late acknowledgement: the key's next task waits
+            # for it. What fails is retried at the next flush, and the relays' key keeper
+            # finds it from the recorded state if this process dies first.
+            error = None if FINAL_STATES[state] else (run.error or state)
+            with self._lock:
+                self._hand_overs.append(_HandOver(run.place, finished_at, error))
+            self._write_hand_overs()
         self._ensure_writer()
+
+    def _write_hand_overs(self) -> None:
+        with self._lock:
+            batch, self._hand_overs = self._hand_overs, []
+        if not batch:
+            return
+        try:
+            with self._resolve_engine().begin() as conn:
+                for hand_over in batch:
+                    finish(conn, hand_over.place, hand_over.finished_at, error=hand_over.error)
+        except Exception:
+            keys = ", ".join(hand_over.place.key for hand_over in batch[:10])
+            retried = [replace(h, tries=h.tries + 1) for h in batch if h.tries < HAND_OVER_TRIES]
+            if retried:
+                logger.warning(
+                    "could not hand on %d ordering key(s) (%s); retrying at the next write",
+                    len(batch),
+                    keys,
+                    exc_info=True,
+                )
+            else:
+                logger.error(
+                    "gave up handing on %d ordering key(s) (%s): the relays hand them on "
+                    "from the recorded run",
+                    len(batch),
+                    keys,
+                    exc_info=True,
+                )
+            with self._lock:
+                self._hand_overs[:0] = retried
 
     def _on_shutdown(self, **_: Any) -> None:
         self.flush()

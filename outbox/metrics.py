@@ -41,6 +41,8 @@ _GAUGES = (
     "celery_outbox_dead",
     "celery_outbox_oldest_pending_age_seconds",
     "celery_outbox_relay_last_run_seconds",
+    "celery_outbox_blocked_keys",
+    "celery_outbox_oldest_blocked_key_age_seconds",
 )
 
 
@@ -71,6 +73,16 @@ class OutboxCollector(Collector):
             "celery_outbox_oldest_pending_age_seconds",
             "Seconds the oldest due pending row has waited since it became due.",
             value=stats.oldest_pending_age_seconds or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "celery_outbox_blocked_keys",
+            "Ordering keys stopped at a task that failed for good or went dead.",
+            value=stats.blocked_keys,
+        )
+        yield GaugeMetricFamily(
+            "celery_outbox_oldest_blocked_key_age_seconds",
+            "Seconds since the longest-blocked ordering key stopped (0 when none is).",
+            value=stats.oldest_blocked_age_seconds or 0.0,
         )
         if stats.last_relay_run_seconds_ago is not None:
             # Absent until a relay has run: alert on its absence as well as its size.

@@ -29,6 +29,7 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from outbox.brokers import BrokerProbe
 from outbox.lifecycle import ROW_ID_HEADER
+from outbox.ordering import KEY_HEADER, SEQ_HEADER
 from outbox.serialization import from_wire
 from outbox.tracing import publishing_context
 
@@ -57,6 +58,8 @@ class ClaimedRow:
     options: Any
     attempts: int
     available_at: datetime
+    ordering_key: str | None = None
+    ordering_seq: int | None = None
 
 
 @dataclass(slots=True)
@@ -127,6 +130,10 @@ class Publisher:
         options = from_wire(row.options)
         # Lets the worker record the task's lifecycle on this row by key (outbox.lifecycle).
         headers = options["headers"] = {**(options.get("headers") or {}), ROW_ID_HEADER: row.id}
+        if row.ordering_key is not None:
+            # Lets the worker hand the key on when the task finishes (outbox.ordering).
+            headers[KEY_HEADER] = row.ordering_key
+            headers[SEQ_HEADER] = row.ordering_seq
         try:
             with publishing_context(headers):
                 task.apply_async(

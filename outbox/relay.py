@@ -11,8 +11,8 @@ are assigned at INSERT but become visible at COMMIT, so a high-water mark would 
 row whose transaction committed after a later one.
 
 Between batches, at most every ``MAINTENANCE_INTERVAL`` seconds, a draining relay also
-records that it runs (``outbox.heartbeat``) and watches what it dispatched
-(``outbox.confirmation``).
+records that it runs (``outbox.heartbeat``), watches what it dispatched
+(``outbox.confirmation``) and looks after the ordering keys (``outbox.ordering``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from outbox.confirmation import Confirmation, ConfirmationResult
 from outbox.heartbeat import Heartbeat, RelayKind
 from outbox.idempotency import confirms_processing
 from outbox.metrics import DISPATCH_LAG, PUBLISH_FAILURES, PUBLISHED
+from outbox.ordering import KeyKeeper, OnFailure
 from outbox.publishing import ClaimedRow, Publisher, PublishOutcome
 from outbox.schema import OutboxStatus, outbox_table
 from outbox.settings import OutboxSettings
@@ -52,6 +53,8 @@ _CLAIM_COLUMNS = (
     _t.options,
     _t.attempts,
     _t.available_at,
+    _t.ordering_key,
+    _t.ordering_seq,
 )
 
 #: Longest wait between two maintenance passes (heartbeat, confirmation) of a draining
@@ -119,6 +122,9 @@ class Relay:
             engine, celery_app, self.settings, store=self.store, probe=self.probe, clock=clock
         )
         self.heartbeat = Heartbeat(engine, self.store, kind)
+        self.key_keeper = KeyKeeper(
+            engine, celery_app, OnFailure(self.settings.ordering_on_failure), clock=clock
+        )
         self._clock = clock
         #: Called after each message reaches the broker and before its row is marked:
         #: the window a crash test aims at.
@@ -195,9 +201,12 @@ class Relay:
                 )
 
     def maintain(self) -> ConfirmationResult:
-        """Record that this relay runs, then run the confirmation checks once."""
+        """Record that this relay runs, run the confirmation checks once, then look after
+        the ordering keys (``outbox.ordering.KeyKeeper``)."""
         self.heartbeat.beat(self._clock())
-        return self.confirmation.run_once()
+        result = self.confirmation.run_once()
+        self.key_keeper.run_once()
+        return result
 
     def _maybe_maintain(self) -> ConfirmationResult | None:
         now = self._clock()

@@ -13,7 +13,7 @@ from sqlalchemy import Delete, delete, select
 from sqlalchemy.engine import Engine
 
 from outbox.idempotency import ProcessedMessage
-from outbox.schema import OutboxStatus, outbox_table
+from outbox.schema import OutboxStatus, keys_table, outbox_table
 
 _t = outbox_table.c
 
@@ -67,6 +67,28 @@ def purge_processed(
         .limit(batch_size)
     )
     statement = delete(ProcessedMessage).where(ProcessedMessage.task_id.in_(doomed))
+    return _delete_in_batches(engine, statement, progress)
+
+
+def purge_idle_keys(
+    engine: Engine,
+    older_than: datetime,
+    *,
+    batch_size: int = DEFAULT_PURGE_BATCH,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Forget ordering keys whose every task finished before ``older_than``; return how
+    many. A key used again later starts a new line, which is all it needs: nothing of it
+    is left waiting (``outbox.ordering``)."""
+    k = keys_table.c
+    doomed = (
+        select(k.key)
+        .where(k.head_seq.is_(None), k.updated_at < older_than)
+        .order_by(k.updated_at)
+        .limit(batch_size)
+    )
+    # The condition again on the row itself: a key taken again meanwhile is kept.
+    statement = delete(keys_table).where(k.key.in_(doomed), k.head_seq.is_(None))
     return _delete_in_batches(engine, statement, progress)
 
 

@@ -47,6 +47,9 @@ class OutboxStatus(enum.StrEnum):
     """Where a row is in its life. Stored as text so new states need no type migration."""
 
     PENDING = "pending"
+    #: Has an ordering key, and an earlier task of that key has not finished yet: it
+    #: becomes pending when that one does (``outbox.ordering``).
+    HELD = "held"
     DISPATCHED = "dispatched"
     DEAD = "dead"
 
@@ -146,6 +149,11 @@ class OutboxMessage(Base):
     #: When the latest run asked to be retried (``self.retry(countdown=...)``), when that
     #: retry is due: the task is alive until then, however long the countdown.
     task_retry_eta: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Tasks with the same key run one after another, in the order their enqueuing
+    #: transactions committed (``outbox.ordering``); NULL for unordered tasks.
+    ordering_key: Mapped[str | None] = mapped_column(String(255))
+    #: The row's place in its key's commit order, from ``celery_outbox_keys``.
+    ordering_seq: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         # The relay's claim query walks this index in order and stops at the first row
@@ -157,6 +165,23 @@ class OutboxMessage(Base):
             "id",
             postgresql_where=text("status = 'pending'"),
             sqlite_where=text("status = 'pending'"),
+        ),
+        # A key's task by its place in the key (the task holding it, the key keeper's
+        # and unblock's lookups); unordered rows are not in it.
+        Index(
+            "ix_celery_outbox_ordering",
+            "ordering_key",
+            "ordering_seq",
+            postgresql_where=text("ordering_key IS NOT NULL"),
+            sqlite_where=text("ordering_key IS NOT NULL"),
+        ),
+        # The next task of a key, found when the one before it finishes.
+        Index(
+            "ix_celery_outbox_held",
+            "ordering_key",
+            "ordering_seq",
+            postgresql_where=text("status = 'held'"),
+            sqlite_where=text("status = 'held'"),
         ),
         # Dead rows: counted, listed newest first, and purged by age, without reading the
         # dispatched ones.
@@ -229,7 +254,57 @@ class BrokerIdentity(Base):
     checked_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
+class OrderingKey(Base):
+    """One ordering key's place in line: the last sequence number handed out, and which
+    task holds the key now (``outbox.ordering``).
+
+    Enqueueing an ordered task increments ``last_seq`` under this row's lock, which the
+    enqueuing transaction holds until it commits: writers to one key take their numbers
+    one after another, in commit order, while writers to other keys never wait.
+    """
+
+    __tablename__ = "celery_outbox_keys"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    last_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    #: The sequence number of the task that holds the key (pending, or published and not
+    #: finished); NULL while every task of the key has finished.
+    head_seq: Mapped[int | None] = mapped_column(BigInteger)
+    #: Since when that task holds the key.
+    head_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When the task holding the key failed or went dead, with ``on_failure = block``:
+    #: every later task of the key waits until a person retries or skips it.
+    blocked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    blocked_reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    __table_args__ = (
+        # Blocked keys: counted and listed without reading the others.
+        Index(
+            "ix_celery_outbox_keys_blocked",
+            "blocked_at",
+            postgresql_where=text("blocked_at IS NOT NULL"),
+            sqlite_where=text("blocked_at IS NOT NULL"),
+        ),
+        # Keys a task holds, walked in key order by the relays' key keeper.
+        Index(
+            "ix_celery_outbox_keys_busy",
+            "key",
+            postgresql_where=text("head_seq IS NOT NULL"),
+            sqlite_where=text("head_seq IS NOT NULL"),
+        ),
+        # Keys with every task finished, deleted by the retention cleanup once old.
+        Index(
+            "ix_celery_outbox_keys_idle",
+            "updated_at",
+            postgresql_where=text("head_seq IS NULL"),
+            sqlite_where=text("head_seq IS NULL"),
+        ),
+    )
+
+
 relays_table = cast(Table, RelayHeartbeat.__table__)
+keys_table = cast(Table, OrderingKey.__table__)
 brokers_table = cast(Table, BrokerIdentity.__table__)
 
 

@@ -22,6 +22,9 @@ DEFAULT_CONFIRM_TIMEOUT = 3600.0
 DEFAULT_RETENTION = 7 * 86400.0
 DEFAULT_PROCESSED_RETENTION = 30 * 86400.0
 
+#: The values of ``ordering_on_failure`` (``outbox.ordering.OnFailure``).
+_ON_FAILURE = {"block", "skip"}
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -75,6 +78,10 @@ class OutboxSettings:
     #: Also record when a task starts, like Celery's ``task_track_started``: a second
     #: UPDATE a run, written before the task starts, so it is off by default.
     track_started: bool = False
+    #: What happens to an ordering key whose task failed for good or went dead:
+    #: ``block`` (its later tasks wait for ``flask outbox unblock``) or ``skip`` (the next
+    #: one goes). See ``outbox.ordering``.
+    ordering_on_failure: str = "block"
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
@@ -101,6 +108,12 @@ class OutboxSettings:
             f"longer than confirm_timeout ({self.confirm_timeout:g}s)",
         )
         _require(
+            self.ordering_on_failure in _ON_FAILURE,
+            "ordering_on_failure",
+            self.ordering_on_failure,
+            " or ".join(sorted(_ON_FAILURE)),
+        )
+        _require(
             self.max_payload_bytes >= 1, "max_payload_bytes", self.max_payload_bytes, ">= 1 byte"
         )
 
@@ -115,6 +128,9 @@ class OutboxSettings:
             raw = config[key]
             if field.type in ("bool", bool):
                 values[field.name] = parse_flag(key, raw)
+                continue
+            if field.type in ("str", str):
+                values[field.name] = str(raw).strip().lower()
                 continue
             kind = int if field.type in ("int", int) else float
             try:

@@ -1,12 +1,14 @@
 """A snapshot of the outbox's health, for the CLI, the dashboard and monitoring.
 
 Every figure is read through an index, so a probe costs the same beside ten rows or ten
-million: pending and dead rows through their partial indexes (their number is the
-backlog and the dead letters, never the history), the oldest due row from the first
-entry of the claim index, the last minute's dispatches from the newest end of the
-dispatched-at index. The dispatched rows, which are most of the table, are not counted:
-their number is the database's estimate of the table's size minus the rest, labelled as
-an estimate wherever it is shown.
+million: pending and dead rows, and blocked ordering keys, through their partial
+indexes (their number is the backlog and the dead letters, never the history), the
+oldest due row from the first entry of the claim index, the last minute's dispatches
+from the newest end of the dispatched-at index. The dispatched rows, which are most of
+the table, are not counted: their number is the database's estimate of the table's size
+minus the rest, labelled as an estimate wherever it is shown. Nor are the rows held
+behind their ordering key, a backlog as large as the keys' lines: ``flask outbox keys``
+counts them per key.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.heartbeat import RelayRun, relays_seen
+from outbox.ordering import blocked_summary
 from outbox.schema import OutboxStatus, outbox_table
 from outbox.stores import store_for
 
@@ -39,7 +42,9 @@ class OutboxStats:
     #: Measured from ``available_at`` rather than ``created_at`` so a task delayed by an
     #: hour on purpose does not look like an hour of relay lag.
     oldest_pending_age_seconds: float | None
-    #: About how many dispatched rows the table holds: an estimate, never a count.
+    #: About how many dispatched rows the table holds (with the rows held behind their
+    #: ordering key, which ``flask outbox keys`` counts per key): an estimate, never a
+    #: count.
     dispatched_estimate: int = 0
     #: Pending and dead rows per task name, e.g. ``{"orders.notify": {"pending": 3}}``.
     by_task: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -49,6 +54,10 @@ class OutboxStats:
     last_relay_run_seconds_ago: float | None = None
     #: Each relay that has run, latest first.
     relays: list[RelayRun] = field(default_factory=list)
+    #: Ordering keys stopped at a task that failed for good or went dead
+    #: (``flask outbox keys --blocked``), and seconds since the oldest of them stopped.
+    blocked_keys: int = 0
+    oldest_blocked_age_seconds: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +83,7 @@ def collect_stats(bind: Engine | Connection, now: datetime) -> OutboxStats:
         ).scalar_one()
         rows = store_for(conn).estimated_rows(conn, outbox_table)
         relays = relays_seen(conn, now)
+        blocked_keys, oldest_blocked = blocked_summary(conn, now)
     pending = sum(counts.get(OutboxStatus.PENDING, 0) for counts in by_task.values())
     dead = sum(counts.get(OutboxStatus.DEAD, 0) for counts in by_task.values())
     return OutboxStats(
@@ -90,4 +100,6 @@ def collect_stats(bind: Engine | Connection, now: datetime) -> OutboxStats:
             min(relay.last_seen_seconds_ago for relay in relays) if relays else None
         ),
         relays=relays,
+        blocked_keys=blocked_keys,
+        oldest_blocked_age_seconds=oldest_blocked,
     )

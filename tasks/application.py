@@ -38,8 +38,14 @@ app.config_from_object("celeryconfig")
 
 
 @worker_init.connect
-def track_lifecycle(**_: Any) -> None:
-    """Record each outbox task's outcome on its outbox row (``OUTBOX_TRACK_LIFECYCLE``)."""
+def track_lifecycle(sender: Any = None, **_: Any) -> None:
+    """Record each outbox task's outcome on its outbox row (``OUTBOX_TRACK_LIFECYCLE``).
+
+    Only in this app's workers: signals are process-wide, and another app's worker in the
+    same process must not write to this app's database.
+    """
+    if getattr(sender, "app", None) is not app:
+        return
     from webapp.extensions import outbox
 
     outbox.track_lifecycle(flask_app())

@@ -18,8 +18,8 @@ RELIABLE = {"bind": True, "acks_late": True, "reject_on_worker_lost": True}
 
 @app.task(name="orders.notify_customer", **RELIABLE)
 @outbox.idempotent
-def notify_customer(self: Any, order_id: int) -> None:
-    fulfilment.notify_customer(order_id, task_id=self.request.id)
+def notify_customer(self: Any, order_id: int, event: str = "confirmed") -> None:
+    fulfilment.notify_customer(order_id, task_id=self.request.id, event=event)
 
 
 @app.task(name="orders.reserve_stock", **RELIABLE)

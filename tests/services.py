@@ -172,7 +172,8 @@ def empty_tables(engine: Engine) -> None:
         conn.execute(
             text(
                 "TRUNCATE celery_outbox, celery_outbox_processed, celery_outbox_relays, "
-                "celery_outbox_brokers, notifications, stock_reservations, shipments, orders"
+                "celery_outbox_brokers, celery_outbox_keys, notifications, stock_reservations, "
+                "shipments, orders"
             )
         )
 

@@ -41,3 +41,13 @@ def retry_once_later(self: Any, order_id: int, countdown: float) -> None:
     if self.request.retries == 0:
         raise self.retry(countdown=countdown)
     fulfilment.reserve_stock(order_id, task_id=self.request.id)
+
+
+@app.task(name="tests.notify_plainly", bind=True, acks_late=True)
+def notify_plainly(self: Any, order_id: int, event: str) -> None:
+    """Not an idempotent consumer: its key is handed on by the worker's lifecycle tracking.
+    Commits its notice on its own, as a task written without the outbox's help does."""
+    from webapp.extensions import db
+
+    fulfilment.notify_customer(order_id, task_id=self.request.id, event=event)
+    db.session.commit()

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from outbox.settings import parse_flag
+
 
 def var_dir() -> Path:
     """Where the embedded setup keeps its files (``OUTBOX_DEMO_DIR``, default ``./var``)."""
@@ -108,8 +110,26 @@ def outbox_settings() -> dict[str, str]:
     }
 
 
+def orders_settings() -> dict[str, Any]:
+    """The example's own settings: ``ORDERS_TASK_LATENCY_MS`` (each task waits a random
+    time up to this, as a real send would; default 0) and
+    ``ORDERS_ORDERED_NOTIFICATIONS`` (``false`` enqueues the customer's notices without
+    their ordering key, to see what ordering prevents; default true)."""
+    settings: dict[str, Any] = {}
+    if latency := os.environ.get("ORDERS_TASK_LATENCY_MS"):
+        try:
+            settings["ORDERS_TASK_LATENCY_MS"] = float(latency)
+        except ValueError as e:
+            raise ValueError(f"ORDERS_TASK_LATENCY_MS={latency!r} is not a number") from e
+    if (ordered := os.environ.get("ORDERS_ORDERED_NOTIFICATIONS")) is not None:
+        settings["ORDERS_ORDERED_NOTIFICATIONS"] = parse_flag(
+            "ORDERS_ORDERED_NOTIFICATIONS", ordered
+        )
+    return settings
+
+
 def flask_config() -> dict[str, Any]:
-    return {"SQLALCHEMY_DATABASE_URI": database_url(), **outbox_settings()}
+    return {"SQLALCHEMY_DATABASE_URI": database_url(), **outbox_settings(), **orders_settings()}
 
 
 def engine_options(database_uri: str) -> dict[str, Any]:

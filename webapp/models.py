@@ -18,8 +18,12 @@ def utcnow() -> datetime:
 
 
 class OrderStatus(enum.StrEnum):
+    """An order's life: each step after ``pending`` notifies the customer."""
+
     PENDING = "pending"
     CONFIRMED = "confirmed"
+    SHIPPED = "shipped"
+    DELIVERED = "delivered"
 
 
 class Order(db.Model):  # type: ignore[name-defined,misc]
@@ -31,6 +35,8 @@ class Order(db.Model):  # type: ignore[name-defined,misc]
     status: Mapped[str] = mapped_column(String(16), default=OrderStatus.PENDING.value)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    shipped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class _Effect:
@@ -43,11 +49,14 @@ class _Effect:
 
 
 class Notification(_Effect, db.Model):  # type: ignore[name-defined,misc]
-    """An email the customer was sent (the demo logs it instead of sending)."""
+    """An email the customer was sent (the demo logs it instead of sending); the
+    customer's timeline is these, in the order they were applied."""
 
     __tablename__ = "notifications"
 
     recipient: Mapped[str] = mapped_column(String(254))
+    #: What it told the customer: the order's status it announces.
+    event: Mapped[str] = mapped_column(String(16), default=OrderStatus.CONFIRMED.value)
 
 
 class StockReservation(_Effect, db.Model):  # type: ignore[name-defined,misc]

@@ -1,11 +1,18 @@
-"""The orders JSON API: create, look up, confirm."""
+"""The orders JSON API: create, look up, confirm, ship, deliver.
+
+Each step after creation changes the order's status and notifies the customer in the
+same transaction, through the outbox, keyed by the order: the customer hears
+"confirmed", "shipped" and "delivered" in that order, however many workers run the
+notifications and whichever one is retried.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, request
+from flask import Blueprint, current_app, request
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import InstrumentedAttribute
 
 from tasks.orders import notify_customer, prepare_shipment, reserve_stock
 from webapp.errors import ApiError
@@ -51,7 +58,7 @@ def get_order(order_id: int) -> dict[str, Any]:
 def confirm_order(order_id: int) -> dict[str, Any]:
     mark_confirmed(order_id)
     tasks = {
-        "notification": outbox.delay(notify_customer, order_id).id,
+        "notification": notify(order_id, OrderStatus.CONFIRMED),
         "reservation": outbox.delay(reserve_stock, order_id).id,
         "shipment": outbox.delay(prepare_shipment, order_id).id,
     }
@@ -59,18 +66,53 @@ def confirm_order(order_id: int) -> dict[str, Any]:
     return {**_order_json(_get_order(order_id)), "tasks": tasks}
 
 
+@bp.post("/orders/<int:order_id>/ship")
+def ship_order(order_id: int) -> dict[str, Any]:
+    advance(order_id, OrderStatus.CONFIRMED, OrderStatus.SHIPPED, Order.shipped_at)
+    tasks = {"notification": notify(order_id, OrderStatus.SHIPPED)}
+    db.session.commit()
+    return {**_order_json(_get_order(order_id)), "tasks": tasks}
+
+
+@bp.post("/orders/<int:order_id>/deliver")
+def deliver_order(order_id: int) -> dict[str, Any]:
+    advance(order_id, OrderStatus.SHIPPED, OrderStatus.DELIVERED, Order.delivered_at)
+    tasks = {"notification": notify(order_id, OrderStatus.DELIVERED)}
+    db.session.commit()
+    return {**_order_json(_get_order(order_id)), "tasks": tasks}
+
+
+def notify(order_id: int, event: OrderStatus) -> str:
+    """Enqueue the customer's notice of ``event``, after the order's earlier ones
+    (``ORDERS_ORDERED_NOTIFICATIONS=false`` drops the ordering, to see what it prevents)."""
+    if current_app.config.get("ORDERS_ORDERED_NOTIFICATIONS", True):
+        return outbox.ordered(f"order:{order_id}").delay(notify_customer, order_id, event.value).id
+    return outbox.delay(notify_customer, order_id, event.value).id
+
+
 def mark_confirmed(order_id: int) -> None:
-    """Confirm a pending order in the session's transaction, or raise 404 / 409.
+    """Confirm a pending order in the session's transaction, or raise 404 / 409."""
+    advance(order_id, OrderStatus.PENDING, OrderStatus.CONFIRMED, Order.confirmed_at)
+
+
+def advance(
+    order_id: int,
+    current: OrderStatus,
+    new: OrderStatus,
+    stamp: InstrumentedAttribute[Any],
+) -> None:
+    """Move an order from ``current`` to ``new`` in the session's transaction, or raise
+    404 / 409.
 
     A conditional UPDATE is the state check and the lock in one statement: of two
-    concurrent confirmations exactly one sees a row change, so tasks are enqueued once.
+    concurrent requests exactly one sees a row change, so tasks are enqueued once.
     """
     if order_id > MAX_ID:
         raise ApiError(404, "not_found", f"order {order_id} does not exist.")
     changed = db.session.execute(
         update(Order)
-        .where(Order.id == order_id, Order.status == OrderStatus.PENDING.value)
-        .values(status=OrderStatus.CONFIRMED.value, confirmed_at=utcnow())
+        .where(Order.id == order_id, Order.status == current.value)
+        .values({Order.status: new.value, stamp: utcnow()})
     ).rowcount  # type: ignore[attr-defined]
     if not changed:
         order = _get_order(order_id)
@@ -78,7 +120,8 @@ def mark_confirmed(order_id: int) -> None:
         raise ApiError(
             409,
             "conflict",
-            f"order {order_id} is {order.status!r}; only a pending order can be confirmed.",
+            f"order {order_id} is {order.status!r}; only a {current.value} order can be "
+            f"{new.value}.",
         )
 
 
@@ -97,15 +140,37 @@ def _order_json(order: Order, *, with_effects: bool = False) -> dict[str, Any]:
         "status": order.status,
         "created_at": order.created_at.isoformat(),
         "confirmed_at": order.confirmed_at.isoformat() if order.confirmed_at else None,
+        "shipped_at": order.shipped_at.isoformat() if order.shipped_at else None,
+        "delivered_at": order.delivered_at.isoformat() if order.delivered_at else None,
     }
     if with_effects:
+        # The confirmation's three effects; the notification counted is the confirmation's.
         body["effects"] = {
             name: db.session.scalar(
-                select(func.count()).select_from(model).where(model.order_id == order.id)
+                select(func.count())
+                .select_from(model)
+                .where(model.order_id == order.id)
+                .where(
+                    Notification.event == OrderStatus.CONFIRMED.value
+                    if model is Notification
+                    else True
+                )
             )
             for name, model in EFFECTS.items()
         }
+        body["timeline"] = timeline(order.id)
     return body
+
+
+def timeline(order_id: int) -> list[str]:
+    """The notices the customer received, in the order they were applied."""
+    return list(
+        db.session.scalars(
+            select(Notification.event)
+            .where(Notification.order_id == order_id)
+            .order_by(Notification.id)
+        )
+    )
 
 
 def _parse_new_order(payload: Any) -> tuple[str, list[dict[str, Any]]]:

@@ -26,7 +26,7 @@ from kombu import Queue
 
 from outbox.heartbeat import forget_relays
 from outbox.relay import Relay
-from outbox.retention import purge_outbox, purge_processed
+from outbox.retention import purge_idle_keys, purge_outbox, purge_processed
 from outbox.settings import OutboxSettings
 
 logger = logging.getLogger(__name__)
@@ -96,9 +96,9 @@ def register_sweep_task(
 def register_cleanup_task(
     celery_app: Celery, relay: Callable[[], Relay], *, name: str = CLEANUP_TASK_NAME
 ) -> Task[[], dict[str, int]]:
-    """Register the retention cleanup: dispatched rows past ``settings.retention`` and
-    processed ids past ``settings.processed_retention`` are deleted in bounded batches,
-    and relays not seen for a day are dropped from the status.
+    """Register the retention cleanup: dispatched rows and idle ordering keys past
+    ``settings.retention`` and processed ids past ``settings.processed_retention`` are
+    deleted in bounded batches, and relays not seen for a day are dropped from the status.
 
     It takes the relay for its engine, settings and clock, so it needs no wiring of its own.
     """
@@ -114,6 +114,9 @@ def register_cleanup_task(
             ),
             "processed_rows": purge_processed(
                 current.engine, now - timedelta(seconds=settings.processed_retention)
+            ),
+            "ordering_keys_forgotten": purge_idle_keys(
+                current.engine, now - timedelta(seconds=settings.retention)
             ),
             "relays_forgotten": forget_relays(
                 current.engine, now - timedelta(seconds=FORGET_RELAYS_AFTER)

@@ -28,13 +28,14 @@ from sqlalchemy import select
 from outbox.brokers import BrokerProbe, probe_for
 from outbox.clock import utcnow
 from outbox.dead_letters import retry_dead
-from outbox.enqueue import SessionLike, TaskOutbox, TaskRef
+from outbox.enqueue import OrderedOutbox, SessionLike, TaskOutbox, TaskRef
 from outbox.errors import OutboxError
 from outbox.health import DEFAULT_MAX_LAG, assess
 from outbox.heartbeat import RelayKind
 from outbox.idempotency import DEFAULT_TRANSIENT_RETRIES, ProcessedMessage, idempotent
 from outbox.lifecycle import LifecycleTracker
 from outbox.metrics import register_outbox_collector
+from outbox.ordering import UnblockAction, active_keys, unblock
 from outbox.relay import DrainResult, Relay
 from outbox.relay_loop import DEFAULT_POLL_INTERVAL, RelayLoop
 from outbox.retention import purge_outbox, purge_processed
@@ -160,20 +161,33 @@ class Outbox:
         kwargs: Mapping[str, Any] | None = None,
         *,
         session: SessionLike | None = None,
+        ordering_key: str | None = None,
         **options: Any,
     ) -> AsyncResult[Any]:
         """``task.apply_async(...)`` through the outbox; see :meth:`TaskOutbox.apply_async`.
 
         Invisible until the session (``db.session`` by default) commits, gone if it rolls
-        back.
+        back. With ``ordering_key``, it runs after the key's earlier tasks have finished.
         """
-        return self.state.tasks.apply_async(task, args, kwargs, session=session, **options)
+        return self.state.tasks.apply_async(
+            task, args, kwargs, session=session, ordering_key=ordering_key, **options
+        )
 
     def enqueue(
-        self, signature: Signature[Any], /, *, session: SessionLike | None = None
+        self,
+        signature: Signature[Any],
+        /,
+        *,
+        session: SessionLike | None = None,
+        ordering_key: str | None = None,
     ) -> AsyncResult[Any]:
         """Enqueue a signature through the outbox; invisible until commit, gone on rollback."""
-        return self.state.tasks.enqueue(signature, session=session)
+        return self.state.tasks.enqueue(signature, session=session, ordering_key=ordering_key)
+
+    def ordered(self, ordering_key: str) -> OrderedOutbox:
+        """The outbox with every task enqueued under ``ordering_key``, in ``db.session``:
+        ``outbox.ordered(f"order:{order.id}").delay(notify_customer, order.id)``."""
+        return self.state.tasks.ordered(ordering_key)
 
     @overload
     def idempotent(self, function: Callable[P, R], /) -> Callable[P, R | None]: ...
@@ -407,10 +421,67 @@ def status_command(as_json: bool) -> None:
     age = stats.oldest_pending_age_seconds
     console.print("oldest due pending row: " + ("none" if age is None else f"{age:.1f}s overdue"))
     console.print(f"dispatched in the last minute: {stats.dispatched_last_minute}")
+    if stats.blocked_keys:
+        console.print(
+            f"[bold red]{stats.blocked_keys} ordering key(s) blocked[/], the oldest for "
+            f"{stats.oldest_blocked_age_seconds or 0.0:.0f}s: `flask outbox keys --blocked` "
+            "lists them, `flask outbox unblock KEY --retry|--skip` resolves one"
+        )
     for relay in stats.relays:
         console.print(f"{relay.name} last ran {relay.last_seen_seconds_ago:.1f}s ago")
     for problem in health.problems:
         console.print(f"[bold red]{problem}[/]")
+
+
+@outbox_cli.command("keys")
+@click.option("--blocked", is_flag=True, help="Only the keys stopped at a failed task.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of a table.")
+@with_appcontext
+def keys_command(blocked: bool, limit: int, as_json: bool) -> None:
+    """Ordering keys a task holds: that task, and how many wait behind it."""
+    state: _OutboxState = current_app.extensions[EXTENSION_NAME]
+    with state.db.engine.connect() as conn:
+        keys = active_keys(conn, blocked_only=blocked, limit=limit)
+    if as_json:
+        click.echo(json.dumps([key.as_dict() for key in keys]))
+        return
+    if not keys:
+        click.echo("no blocked ordering key" if blocked else "no ordering key is busy")
+        return
+    table = Table(title="blocked ordering keys" if blocked else "busy ordering keys")
+    for column in ("key", "task", "task id", "status", "since", "held behind", "why blocked"):
+        table.add_column(column)
+    for key in keys:
+        since = key.blocked_at or key.head_since
+        table.add_row(
+            key.key,
+            f"{key.head_seq}: {key.task_name or '(purged)'}",
+            key.task_id or "",
+            key.status or "",
+            f"{since:%F %T}" if since else "",
+            str(key.held),
+            key.blocked_reason or "",
+        )
+    Console().print(table)
+
+
+@outbox_cli.command("unblock")
+@click.argument("key")
+@click.option("--retry", "action", flag_value=UnblockAction.RETRY.value, help="Run its task again.")
+@click.option("--skip", "action", flag_value=UnblockAction.SKIP.value, help="Let the next one go.")
+@with_appcontext
+def unblock_command(key: str, action: str | None) -> None:
+    """Resolve a blocked ordering key: run its failed task again, or skip it."""
+    if action is None:
+        raise click.UsageError("say what to do with the key's failed task: --retry or --skip.")
+    state: _OutboxState = current_app.extensions[EXTENSION_NAME]
+    try:
+        with state.db.engine.begin() as conn:
+            done = unblock(conn, key, UnblockAction(action), utcnow())
+    except OutboxError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(done)
 
 
 @outbox_cli.command("inspect")
@@ -454,6 +525,8 @@ def inspect_command(task_id: uuid.UUID, as_json: bool) -> None:
         "task_finished_at": row.task_finished_at.isoformat() if row.task_finished_at else None,
         "task_error": row.task_error,
         "task_retry_eta": row.task_retry_eta.isoformat() if row.task_retry_eta else None,
+        "ordering_key": row.ordering_key,
+        "ordering_seq": row.ordering_seq,
         "flower_url": flower_task_url(current_app.config, task_id),
     }
     if as_json:

@@ -13,11 +13,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy import ColumnElement, Table, Update
+from sqlalchemy import ColumnElement, Table, Update, case
 from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.sql.dml import Insert
 
 from outbox.errors import UnsupportedDatabaseError
+
+#: What a statement can run in, inside the caller's transaction: a Core connection or an
+#: ORM session.
+Executor = Connection | Session | scoped_session[Session]
 
 
 class Store(ABC):
@@ -55,8 +60,57 @@ class Store(ABC):
         """About how many rows ``table`` holds, read without counting them."""
 
     @abstractmethod
-    def upsert(self, table: Table, values: Mapping[str, Any], key: Sequence[str]) -> Insert:
-        """INSERT ``values``, or UPDATE the other columns of the row with the same ``key``."""
+    def insert(self, table: Table) -> Any:
+        """The dialect's INSERT for ``table``, with its ``ON CONFLICT`` support."""
+
+    def upsert(
+        self,
+        table: Table,
+        values: Mapping[str, Any],
+        key: Sequence[str],
+        set_: Mapping[str, Any] | None = None,
+    ) -> Insert:
+        """INSERT ``values``, or UPDATE the row with the same ``key``: with ``set_``
+        (expressions of the existing row's columns) when given, else with the other
+        columns of ``values``."""
+        statement = self.insert(table).values(dict(values))
+        changed = (
+            dict(set_)
+            if set_ is not None
+            else {name: statement.excluded[name] for name in values if name not in key}
+        )
+        upsert: Insert = statement.on_conflict_do_update(index_elements=list(key), set_=changed)
+        return upsert
+
+    def next_in_line(self, conn: Executor, table: Table, key: str, now: Any) -> tuple[int, bool]:
+        """Take the next sequence number of ordering ``key`` in ``conn``'s transaction;
+        return it, and whether the new task holds the key at once (every earlier one has
+        finished).
+
+        One statement: an upsert that increments the key's row, whose row lock the
+        caller's transaction then holds until it ends, so that writers to one key get
+        their numbers in the order they commit.
+        """
+        c = table.c
+        idle = c.head_seq.is_(None)
+        statement = self.upsert(
+            table,
+            {"key": key, "last_seq": 1, "head_seq": 1, "head_since": now, "updated_at": now},
+            ["key"],
+            set_={
+                "last_seq": c.last_seq + 1,
+                "head_seq": case((idle, c.last_seq + 1), else_=c.head_seq),
+                "head_since": case((idle, now), else_=c.head_since),
+                "updated_at": now,
+            },
+        ).returning(c.last_seq, c.head_seq)
+        seq, head = conn.execute(statement).one()
+        return int(seq), head == seq
+
+    @abstractmethod
+    def wake_relays(self, conn: Executor) -> None:
+        """Wake the waiting relays when ``conn``'s transaction commits (where the database
+        can; elsewhere they find the row at their next poll)."""
 
     def relaxed_durability(self, statement: Update) -> Update:
         """``statement`` for bookkeeping whose loss in a database crash is acceptable."""
@@ -81,4 +135,4 @@ def store_for(bind: Engine | Connection | Dialect) -> Store:
     )
 
 
-__all__ = ["Store", "store_for"]
+__all__ = ["Executor", "Store", "store_for"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from sqlalchemy import ColumnElement, String, Table, Update, cast, func, or_, select, text
@@ -10,10 +10,9 @@ from sqlalchemy import type_coerce as coerce
 from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.sql.dml import Insert
 
 from outbox.schema import NOTIFY_CHANNEL
-from outbox.stores import Store
+from outbox.stores import Executor, Store
 
 #: ``synchronous_commit = off`` for the current transaction only (``SET LOCAL``), as an
 #: expression, so it travels inside the statement instead of costing a round trip.
@@ -60,10 +59,13 @@ class PostgresStore(Store):
         ).scalar_one()
         return max(0, int(live or 0))
 
-    def upsert(self, table: Table, values: Mapping[str, Any], key: Sequence[str]) -> Insert:
-        statement = pg_insert(table).values(dict(values))
-        changed = {name: statement.excluded[name] for name in values if name not in key}
-        return statement.on_conflict_do_update(index_elements=list(key), set_=changed)
+    def insert(self, table: Table) -> Any:
+        return pg_insert(table)
+
+    def wake_relays(self, conn: Executor) -> None:
+        # Delivered when the transaction commits, dropped if it rolls back, like the
+        # INSERT trigger's.
+        conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, "")))
 
     def relaxed_durability(self, statement: Update) -> Update:
         # The commit does not wait for the WAL flush: a database crash can lose the last

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from sqlalchemy import ColumnElement, Table, and_, exists, false, func, or_, select, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.dml import Insert
 
 from outbox.schema import OutboxStatus, outbox_table
-from outbox.stores import Store
+from outbox.stores import Executor, Store
 
 #: SQLite reads JSON integers outside 64 bits as reals.
 _INT64 = range(-(2**63), 2**63)
@@ -52,6 +51,10 @@ class SqliteStore(Store):
     ) -> ColumnElement[bool]:
         return or_(_json_contains(args, values), _json_contains(kwargs, values))
 
+    def wake_relays(self, conn: Executor) -> None:
+        # Nothing can wake a listener: the relays find the row at their next poll.
+        return
+
     def estimated_rows(self, conn: Connection, table: Table) -> int:
         # The span of the integer primary key: two lookups at the ends of its B-tree.
         # Ids rolled back or deleted in the middle make it an overestimate.
@@ -59,10 +62,8 @@ class SqliteStore(Store):
         span = conn.execute(select(func.max(key) - func.min(key) + 1)).scalar_one()
         return int(span or 0)
 
-    def upsert(self, table: Table, values: Mapping[str, Any], key: Sequence[str]) -> Insert:
-        statement = sqlite_insert(table).values(dict(values))
-        changed = {name: statement.excluded[name] for name in values if name not in key}
-        return statement.on_conflict_do_update(index_elements=list(key), set_=changed)
+    def insert(self, table: Table) -> Any:
+        return sqlite_insert(table)
 
 
 def _json_contains(column: ColumnElement[Any], values: Sequence[Any]) -> ColumnElement[bool]:

@@ -86,8 +86,8 @@ class Stack:
                 pytest.fail(f"scripts/run exited ({self.process.returncode}):\n{self.log}")
             try:
                 value = check()
-            except (ConnectionError, urllib.error.URLError):
-                value = None
+            except (ConnectionError, TimeoutError, urllib.error.URLError):
+                value = None  # not up yet, or too busy starting to answer in time
             if value:
                 return value
             time.sleep(0.2)

@@ -1,9 +1,11 @@
 """Every probe reads through indexes beside a million dispatched rows: the plans prove it.
 
 The claim, the stats behind ``flask outbox status``, ``/healthz``, ``/metrics`` and the
-dashboard, the confirmation checks and the retention purge each run their statements
-against a table of a million dispatched rows (the history a week of retention keeps)
-next to a realistic backlog. Every statement they send is captured and EXPLAINed with
+dashboard, the confirmation checks, the ordering keys' maintenance and the retention
+purge each run their statements against a table of a million dispatched rows (the
+history a week of retention keeps) next to a realistic backlog: among it thousands of
+ordering keys with a hundred tasks each waiting in line, and many more keys now idle.
+Every statement they send is captured and EXPLAINed with
 its own parameters (ANALYZE, in a transaction that is rolled back): no plan may scan the
 outbox table, and none may read more than ``MAX_BUFFERS`` pages (plus a few dozen per row
 it changes), where a scan reads tens of thousands.
@@ -12,6 +14,7 @@ it changes), where a scan reads tens of thousands.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,11 +22,14 @@ from typing import Any
 import pytest
 from celery import Celery
 from flask import Flask
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Connection, Engine, event, text
 
 from outbox import OutboxSettings, Relay, collect_stats
+from outbox.ordering import Place, finish
 from outbox.retention import purge_outbox
+from outbox.schema import keys_table
 from outbox.search import latest_dead
+from outbox.stores import store_for
 
 DISPATCHED = 1_000_000
 #: The worst a probe may read: a few index pages and the heap pages of the rows it returns.
@@ -60,17 +66,53 @@ SELECT gen_random_uuid(), 'billing.charge_card', '[3]'::jsonb, '{}'::jsonb, '{}'
 FROM generate_series(1, 100) AS n
 """
 
+#: Ordering keys with tasks in line, tasks per key, and keys whose tasks all finished.
+BUSY_KEYS = 2_000
+PER_KEY = 100
+IDLE_KEYS = 100_000
+# Each busy key's first task holds it: published ten minutes ago for even keys, pending
+# for odd ones; the other 99 are held behind it.
+FILL_KEYED = """
+INSERT INTO celery_outbox (task_id, task_name, args, kwargs, options, status, attempts,
+                           deliveries, created_at, available_at, dispatched_at,
+                           ordering_key, ordering_seq)
+SELECT gen_random_uuid(), 'orders.notify_customer', '[4]'::jsonb, '{}'::jsonb,
+       '{}'::jsonb,
+       CASE WHEN s > 1 THEN 'held' WHEN k % 2 = 0 THEN 'dispatched' ELSE 'pending' END,
+       0, CASE WHEN s = 1 AND k % 2 = 0 THEN 1 ELSE 0 END,
+       now() - interval '1 hour', now() - interval '1 hour' + s * interval '1 ms',
+       CASE WHEN s = 1 AND k % 2 = 0 THEN now() - interval '10 minutes' END,
+       'order:' || k, s
+FROM generate_series(1, :keys) AS k, generate_series(1, :per_key) AS s
+"""
+FILL_KEYS = """
+INSERT INTO celery_outbox_keys (key, last_seq, head_seq, head_since, updated_at)
+SELECT 'order:' || k, :per_key, 1, now() - interval '1 hour', now()
+FROM generate_series(1, :keys) AS k
+UNION ALL
+SELECT 'idle:' || k, 3, NULL, NULL, now() - interval '1 day'
+FROM generate_series(1, :idle) AS k
+"""
+#: The tables a probe may not scan.
+OUTBOX_TABLES = ("celery_outbox", "celery_outbox_keys")
+_OUTBOX_TABLE = re.compile(r"\bcelery_outbox(_keys)?\b")
+
 
 @pytest.fixture(scope="module")
 def million(engine: Engine) -> Iterator[None]:
+    truncate = text("TRUNCATE celery_outbox, celery_outbox_processed, celery_outbox_keys")
+    keyed = {"keys": BUSY_KEYS, "per_key": PER_KEY, "idle": IDLE_KEYS}
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE celery_outbox, celery_outbox_processed"))
+        conn.execute(truncate)
         conn.execute(text(FILL), {"dispatched": DISPATCHED})
+        conn.execute(text(FILL_KEYED), keyed)
+        conn.execute(text(FILL_KEYS), keyed)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE celery_outbox"))
+        conn.execute(text("VACUUM ANALYZE celery_outbox_keys"))
     yield
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE celery_outbox, celery_outbox_processed"))
+        conn.execute(truncate)
 
 
 @pytest.fixture(autouse=True)
@@ -79,12 +121,12 @@ def _each_test_starts_empty(million: None) -> None:
 
 
 def sent_by(engine: Engine, probe: Callable[[], object]) -> list[tuple[str, Any]]:
-    """The statements ``probe`` sends that read or change the outbox table."""
+    """The statements ``probe`` sends that read or change the outbox or keys table."""
     captured: list[tuple[str, Any]] = []
 
     def record(*args: Any) -> None:
         statement, parameters = args[2], args[3]
-        if "celery_outbox " in statement + " " or "celery_outbox\n" in statement:
+        if _OUTBOX_TABLE.search(statement):
             captured.append((statement, parameters))
 
     event.listen(engine, "before_cursor_execute", record)
@@ -121,7 +163,7 @@ def assert_indexed(engine: Engine, probe: Callable[[], object], *, expected: int
         plan = explain(engine, statement, parameters)
         nodes = plan_nodes(plan)
         scans = [n for n in nodes if n["Node Type"] == "Seq Scan"]
-        assert not [n for n in scans if n.get("Relation Name") == "celery_outbox"], (
+        assert not [n for n in scans if n.get("Relation Name") in OUTBOX_TABLES], (
             statement,
             nodes,
         )
@@ -144,11 +186,17 @@ def test_the_claim_walks_the_pending_index_in_order(engine: Engine, celery_app: 
 
 def test_the_status_figures_read_through_indexes(engine: Engine) -> None:
     """collect_stats (status, /healthz, /metrics, the dashboard's cards)."""
-    assert_indexed(engine, lambda: collect_stats(engine, datetime.now(UTC)), expected=5)
+    assert_indexed(engine, lambda: collect_stats(engine, datetime.now(UTC)), expected=6)
     stats = collect_stats(engine, datetime.now(UTC))
-    assert (500, 100, 300) == (stats.pending, stats.dead, stats.dispatched_last_minute)
-    # Not counted: PostgreSQL's live-row statistics, minus the pending and dead rows.
-    assert 0.9 * DISPATCHED <= stats.dispatched_estimate <= 1.1 * DISPATCHED
+    assert (500 + BUSY_KEYS // 2, 100, 300) == (
+        stats.pending,
+        stats.dead,
+        stats.dispatched_last_minute,
+    )
+    # Not counted: PostgreSQL's live-row statistics, minus the pending and dead rows
+    # (the held rows are in it too).
+    with_held = DISPATCHED + BUSY_KEYS * (PER_KEY - 1)
+    assert 0.9 * with_held <= stats.dispatched_estimate <= 1.1 * with_held
 
 
 def test_the_web_probes_read_through_indexes(app: Flask, engine: Engine) -> None:
@@ -156,9 +204,9 @@ def test_the_web_probes_read_through_indexes(app: Flask, engine: Engine) -> None
     app.config["OUTBOX_DASHBOARD_PUBLIC"] = True
     client = app.test_client()
     try:
-        assert_indexed(engine, lambda: client.get("/healthz"), expected=5)
-        assert_indexed(engine, lambda: client.get("/metrics"), expected=5)
-        assert_indexed(engine, lambda: client.get("/outbox"), expected=6)
+        assert_indexed(engine, lambda: client.get("/healthz"), expected=6)
+        assert_indexed(engine, lambda: client.get("/metrics"), expected=6)
+        assert_indexed(engine, lambda: client.get("/outbox"), expected=7)
     finally:
         app.config.pop("OUTBOX_DASHBOARD_PUBLIC")
 
@@ -182,4 +230,39 @@ def test_the_retention_purge_deletes_through_indexes(engine: Engine) -> None:
         engine,
         lambda: purge_outbox(engine, long_ago, statuses=["dispatched", "dead"]),  # type: ignore[list-item]
         expected=2,
+    )
+
+
+def test_the_ordering_keys_maintenance_reads_through_indexes(
+    engine: Engine, celery_app: Celery
+) -> None:
+    """Dead tasks holding keys (the dead index), a window of busy keys (the busy-keys
+    index) and their tasks (the ordering index): never the idle keys or the history."""
+    relay = Relay(engine, celery_app, OutboxSettings())
+    assert_indexed(engine, relay.key_keeper.run_once, expected=3)
+
+
+def in_rolled_back_transaction(engine: Engine, work: Callable[[Connection], object]) -> None:
+    with engine.connect() as conn, conn.begin() as transaction:
+        work(conn)
+        transaction.rollback()
+
+
+def test_enqueueing_and_handing_a_key_on_read_through_indexes(engine: Engine) -> None:
+    """The key's next number (its primary key), then, when its task finishes, the key
+    (its primary key), the next held task (the held index) and the key again."""
+    now = datetime.now(UTC)
+    assert_indexed(
+        engine,
+        lambda: in_rolled_back_transaction(
+            engine, lambda conn: store_for(conn).next_in_line(conn, keys_table, "order:3", now)
+        ),
+        expected=1,
+    )
+    assert_indexed(
+        engine,
+        lambda: in_rolled_back_transaction(
+            engine, lambda conn: finish(conn, Place("order:3", 1), now)
+        ),
+        expected=3,
     )

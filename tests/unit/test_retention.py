@@ -22,6 +22,7 @@ from outbox import (
 from outbox.contrib.celery import register_cleanup_task
 from outbox.heartbeat import Heartbeat, relays_seen
 from outbox.retention import purge_outbox, purge_processed
+from outbox.schema import keys_table
 from outbox.settings import parse_duration
 from tests.unit.conftest import FakeClock, count_rows
 from webapp.extensions import db
@@ -107,8 +108,26 @@ def test_cleanup_task_applies_both_retentions(
     relay = Relay(engine, celery_app, settings, clock=clock)
     Heartbeat(engine, relay.store, RelayKind.SWEEP, hostname="gone").beat(NOW - 2 * DAY)
     Heartbeat(engine, relay.store, RelayKind.SWEEP, hostname="here").beat(NOW - DAY / 2)
+    with engine.begin() as conn:
+        for key, seq, head, age in [("idle-old", 3, None, 2 * DAY), ("busy-old", 3, 3, 2 * DAY)]:
+            conn.execute(
+                insert(keys_table).values(
+                    key=key, last_seq=seq, head_seq=head, updated_at=NOW - age
+                )
+            )
+        conn.execute(
+            insert(keys_table).values(key="idle-new", last_seq=1, updated_at=NOW - DAY / 2)
+        )
     cleanup = register_cleanup_task(celery_app, relay=lambda: relay)
-    assert {"outbox_rows": 1, "processed_rows": 0, "relays_forgotten": 1} == cleanup.run()
+    assert {
+        "outbox_rows": 1,
+        "processed_rows": 0,
+        "ordering_keys_forgotten": 1,
+        "relays_forgotten": 1,
+    } == cleanup.run()
+    with engine.connect() as conn:
+        kept = set(conn.scalars(select(keys_table.c.key)))
+    assert {"busy-old", "idle-new"} == kept, "a key with a task waiting is never forgotten"
     with engine.connect() as conn:
         assert ["sweep@here"] == [seen.name for seen in relays_seen(conn, NOW)]
 

@@ -49,7 +49,8 @@ def test_confirming_an_order_enqueues_the_three_fulfilment_tasks(app_context: Fl
         "orders.reserve_stock",
         "orders.prepare_shipment",
     ] == captured.task_names
-    assert all([order_id] == task.args for task in captured)
+    assert [[order_id, "confirmed"], [order_id], [order_id]] == [task.args for task in captured]
+    assert [f"order:{order_id}", None, None] == [task.ordering_key for task in captured]
     assert sorted(response.json["tasks"].values()) == sorted(t.task_id for t in captured)
 
     captured.run()

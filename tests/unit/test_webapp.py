@@ -48,7 +48,9 @@ def test_confirm_enqueues_three_tasks_in_the_same_transaction(
         "orders.reserve_stock",
         "orders.prepare_shipment",
     ] == [row.task_name for row in rows]
-    assert all(row.args == [order_id] and row.status == OutboxStatus.PENDING for row in rows)
+    assert [[order_id, "confirmed"], [order_id], [order_id]] == [row.args for row in rows]
+    assert [f"order:{order_id}", None, None] == [row.ordering_key for row in rows]
+    assert all(row.status == OutboxStatus.PENDING for row in rows)
     assert sorted(response.json["tasks"].values()) == sorted(str(row.task_id) for row in rows)
 
 
