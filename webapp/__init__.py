@@ -15,6 +15,7 @@ from outbox.contrib.dashboard import dashboard_blueprint
 from outbox.contrib.monitoring import monitoring_blueprint
 from outbox.schema import create_tables
 from webapp import config
+from webapp.accidents import accidents_command
 from webapp.errors import register_error_handlers
 from webapp.extensions import db, outbox
 
@@ -40,6 +41,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(dashboard_blueprint())
     register_error_handlers(app)
     app.cli.add_command(init_db_command)
+    app.cli.add_command(accidents_command)
     return app
 
 
