@@ -25,7 +25,18 @@ from bench.environment import Services, ServicesUnavailableError, services
 from bench.results import Figure
 
 #: Sections in the order they run; ``profile`` only runs when asked for.
-SECTIONS = ("request", "relay", "bare", "batch", "latency", "backlog", "e2e", "probes", "restart")
+SECTIONS = (
+    "request",
+    "relay",
+    "bare",
+    "batch",
+    "latency",
+    "backlog",
+    "e2e",
+    "ordering",
+    "probes",
+    "restart",
+)
 PROFILE = "profile"
 DEFAULT_REPEATS = 3
 

@@ -39,7 +39,7 @@ class Sizes:
     latency_seconds: float
     #: Dispatched rows beside the pending batch (backlog scaling), smallest first.
     backlog_levels: tuple[int, ...]
-    #: Claims timed per backlog level per run.
+    #: Claims timed per backlog level per run, and per table of the ordering section.
     claim_rounds: int
     #: Dispatched rows beside the probes' realistic backlog (probe scaling), smallest first.
     probe_levels: tuple[int, ...]
@@ -47,6 +47,13 @@ class Sizes:
     probe_rounds: int
     #: Rows per end-to-end run.
     e2e_rows: int
+    #: Ordering keys, and rows per key, of the ordering section's keyed claim table (the
+    #: unkeyed one holds as many rows, as many of them pending as there are keys).
+    ordering_keys: int
+    ordering_rows_per_key: int
+    #: Rows per end-to-end run of the ordering section, and the keys of its keyed runs.
+    ordering_e2e_rows: int
+    ordering_e2e_keys: int
     #: Rows drained under the profiler.
     profile_rows: int
     #: Drains of a single row timed per run (profile: a drain's fixed cost).
@@ -70,6 +77,10 @@ FULL = Sizes(
     probe_levels=(0, 1_000_000),
     probe_rounds=100,
     e2e_rows=5_000,
+    ordering_keys=10_000,
+    ordering_rows_per_key=100,
+    ordering_e2e_rows=1_500,
+    ordering_e2e_keys=100,
     profile_rows=20_000,
     single_drains=200,
     restart_rows=1_000,
@@ -89,6 +100,10 @@ QUICK = Sizes(
     probe_levels=(0, 2_000),
     probe_rounds=10,
     e2e_rows=100,
+    ordering_keys=300,
+    ordering_rows_per_key=4,
+    ordering_e2e_rows=100,
+    ordering_e2e_keys=10,
     profile_rows=200,
     single_drains=5,
     restart_rows=20,

@@ -28,6 +28,7 @@ SECTION_ROWS = {
     "latency": "relay process (LISTEN/NOTIFY): p50",
     "backlog": "claim 200 rows beside",
     "e2e": "commit → finished, 1 worker",
+    "ordering": "claim 200 rows, keyed",
     "probes": "collect_stats beside",
     "restart": "notice and republish",
 }
