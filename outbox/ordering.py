@@ -39,7 +39,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from celery import Celery
-from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.errors import InvalidOrderingKeyError, KeyNotBlockedError
@@ -128,29 +128,16 @@ def finish(conn: Executor, place: Place, now: datetime, *, error: str | None = N
     behind this one has committed (its number is in ``last_seq``). A key with nothing
     behind its task, the common case, costs one statement.
     """
-    holds = (_k.key == place.key) & (_k.head_seq == place.seq)
+    values = {"of_key": place.key, "at_seq": place.seq, "at": now}
     if error is not None:
-        blocked = conn.execute(
-            update(keys_table)
-            .where(holds)
-            .values(
-                blocked_at=func.coalesce(_k.blocked_at, now),
-                blocked_reason=error[:MAX_REASON_LENGTH],
-                updated_at=now,
-            )
-        )
+        blocked = conn.execute(_BLOCK, {**values, "why": error[:MAX_REASON_LENGTH]})
         if not blocked.rowcount:  # type: ignore[attr-defined]
             return False
         logger.warning(
             "ordering key %r stopped: its task %d failed: %s", place.key, place.seq, error
         )
         return True
-    last_seq = conn.execute(
-        update(keys_table)
-        .where(holds)
-        .values(head_seq=None, head_since=None, **_unblocked(now))
-        .returning(_k.last_seq)
-    ).scalar_one_or_none()
+    last_seq = conn.execute(_RELEASE, values).scalar_one_or_none()
     if last_seq is None:
         return False
     if last_seq > place.seq:
@@ -158,34 +145,62 @@ def finish(conn: Executor, place: Place, now: datetime, *, error: str | None = N
     return True
 
 
-def _unblocked(now: datetime) -> dict[str, Any]:
-    return {"blocked_at": None, "blocked_reason": None, "updated_at": now}
-
-
 def _pass_on(conn: Executor, key: str, now: datetime) -> None:
     """Give ``key`` (whose row this transaction has locked) to its next held task."""
-    upcoming = (
-        select(_t.id)
-        .where(_t.ordering_key == key, _t.status == OutboxStatus.HELD)
+    seq = conn.execute(_PROMOTE, {"of_key": key}).scalar_one_or_none()
+    since = None if seq is None else now
+    conn.execute(_GIVE, {"of_key": key, "at_seq": seq, "held_since": since, "at": now})
+    if seq is not None:
+        _store(conn).wake_relays(conn)
+
+
+# The hand-over's statements, built once: they run at the end of every ordered task.
+_key = bindparam("of_key", type_=_k.key.type)
+_seq = bindparam("at_seq", type_=_k.head_seq.type)
+_now = bindparam("at", type_=_k.updated_at.type)
+_holds = (_k.key == _key) & (_k.head_seq == _seq)
+_BLOCK = (
+    update(keys_table)
+    .where(_holds)
+    .values(
+        blocked_at=func.coalesce(_k.blocked_at, _now),
+        blocked_reason=bindparam("why", type_=_k.blocked_reason.type),
+        updated_at=_now,
+    )
+)
+_RELEASE = (
+    update(keys_table)
+    .where(_holds)
+    .values(head_seq=None, head_since=None, blocked_at=None, blocked_reason=None, updated_at=_now)
+    .returning(_k.last_seq)
+)
+# The key's next held task becomes pending. Its due time stays as it was: moving it to
+# ``now`` would make it wait for the difference whenever this host's clock runs ahead
+# of the relay's.
+_PROMOTE = (
+    update(outbox_table)
+    .where(
+        _t.id
+        == select(_t.id)
+        .where(_t.ordering_key == _key, _t.status == OutboxStatus.HELD)
         .order_by(_t.ordering_seq)
         .limit(1)
         .scalar_subquery()
     )
-    # Its due time stays as it was: moving it to ``now`` would make the task wait for the
-    # difference whenever this host's clock runs ahead of the relay's.
-    seq = conn.execute(
-        update(outbox_table)
-        .where(_t.id == upcoming)
-        .values(status=OutboxStatus.PENDING)
-        .returning(_t.ordering_seq)
-    ).scalar_one_or_none()
-    conn.execute(
-        update(keys_table)
-        .where(_k.key == key)
-        .values(head_seq=seq, head_since=None if seq is None else now, **_unblocked(now))
+    .values(status=OutboxStatus.PENDING)
+    .returning(_t.ordering_seq)
+)
+_GIVE = (
+    update(keys_table)
+    .where(_k.key == _key)
+    .values(
+        head_seq=_seq,
+        head_since=bindparam("held_since", type_=_k.head_since.type),
+        blocked_at=None,
+        blocked_reason=None,
+        updated_at=_now,
     )
-    if seq is not None:
-        _store(conn).wake_relays(conn)
+)
 
 
 def _store(conn: Executor) -> Store:

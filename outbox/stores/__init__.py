@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy import ColumnElement, Table, Update, case
+from sqlalchemy import ColumnElement, Table, Update, bindparam, case
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.sql.dml import Insert
@@ -33,6 +33,12 @@ class Store(ABC):
     #: The channel committed enqueues notify on (LISTEN/NOTIFY), or ``None`` where the
     #: database cannot wake a listener and the relay polls.
     notify_channel: ClassVar[str | None] = None
+    #: The statements :meth:`next_in_line` runs, by table, built at first use.
+    _next_in_line_statements: ClassVar[dict[str, Insert]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._next_in_line_statements = {}
 
     def relay_connection(self, engine: Engine) -> Connection:
         """A connection for one relay batch: its claim's row locks must last the batch."""
@@ -89,13 +95,30 @@ class Store(ABC):
 
         One statement: an upsert that increments the key's row, whose row lock the
         caller's transaction then holds until it ends, so that writers to one key get
-        their numbers in the order they commit.
+        their numbers in the order they commit. It is built once per table and store, on
+        the request path of every ordered enqueue.
         """
+        statement = self._next_in_line_statements.get(table.fullname)
+        if statement is None:
+            statement = self._next_in_line_statements[table.fullname] = (
+                self._next_in_line_statement(table)
+            )
+        seq, head = conn.execute(statement, {"new_key": key, "at": now}).one()
+        return int(seq), head == seq
+
+    def _next_in_line_statement(self, table: Table) -> Insert:
         c = table.c
         idle = c.head_seq.is_(None)
-        statement = self.upsert(
+        now = bindparam("at", type_=c.updated_at.type)
+        return self.upsert(
             table,
-            {"key": key, "last_seq": 1, "head_seq": 1, "head_since": now, "updated_at": now},
+            {
+                "key": bindparam("new_key", type_=c.key.type),
+                "last_seq": 1,
+                "head_seq": 1,
+                "head_since": now,
+                "updated_at": now,
+            },
             ["key"],
             set_={
                 "last_seq": c.last_seq + 1,
@@ -104,8 +127,6 @@ class Store(ABC):
                 "updated_at": now,
             },
         ).returning(c.last_seq, c.head_seq)
-        seq, head = conn.execute(statement).one()
-        return int(seq), head == seq
 
     @abstractmethod
     def wake_relays(self, conn: Executor) -> None:
