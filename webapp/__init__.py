@@ -8,12 +8,13 @@ from typing import Any
 import click
 from flask import Flask
 from flask.cli import with_appcontext
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
 
 from outbox.contrib.dashboard import dashboard_blueprint
 from outbox.contrib.monitoring import monitoring_blueprint
 from outbox.schema import create_tables
+from outbox.schema import metadata as outbox_metadata
 from webapp import config
 from webapp.accidents import accidents_command
 from webapp.errors import register_error_handlers
@@ -59,9 +60,31 @@ def init_db(engine: Engine) -> None:
     create_tables(engine)
 
 
+def missing_columns(engine: Engine) -> list[str]:
+    """``table.column`` for each column the models have and the database lacks: tables
+    made by an older version, which ``create_all`` leaves as they are."""
+    existing = inspect(engine)
+    missing = []
+    for table in [*db.metadata.sorted_tables, *outbox_metadata.sorted_tables]:
+        if not existing.has_table(table.name):
+            continue
+        present = {column["name"] for column in existing.get_columns(table.name)}
+        missing.extend(f"{table.name}.{c.name}" for c in table.columns if c.name not in present)
+    return missing
+
+
 @click.command("init-db")
 @with_appcontext
 def init_db_command() -> None:
     """Create every table the app and the outbox need (idempotent)."""
     init_db(db.engine)
-    click.echo(f"tables ready in {db.engine.url.render_as_string(hide_password=True)}")
+    where = db.engine.url.render_as_string(hide_password=True)
+    if missing := missing_columns(db.engine):
+        raise click.ClickException(
+            f"the tables in {where} were made by an older version and lack "
+            f"{', '.join(missing)}. For the embedded demo, delete its folder (./var, or "
+            "OUTBOX_DEMO_DIR) and run again; for a database to keep, upgrade the outbox's "
+            "tables with its Alembic migrations (README: Migrations) and add the example's "
+            "columns."
+        )
+    click.echo(f"tables ready in {where}")

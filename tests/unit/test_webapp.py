@@ -246,3 +246,18 @@ def test_the_example_tests_pooled_connections_except_on_sqlite() -> None:
 
     assert engine_options("postgresql+psycopg://u@h/db")["pool_pre_ping"] is True
     assert "pool_pre_ping" not in engine_options("sqlite:///:memory:")
+
+
+def test_init_db_says_plainly_when_the_tables_are_from_an_older_version(app: Flask) -> None:
+    """A ./var made before a column was added: init-db names the columns and the fix,
+    instead of the app failing later on its first query."""
+    from sqlalchemy import text
+
+    from webapp.extensions import db
+
+    with app.app_context(), db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE notifications DROP COLUMN event"))
+    result = app.test_cli_runner().invoke(args=["init-db"])
+    assert 1 == result.exit_code
+    assert "notifications.event" in result.output
+    assert "delete its folder" in result.output
