@@ -13,7 +13,7 @@ from kombu.exceptions import OperationalError
 from sqlalchemy.orm import Session
 
 from webapp.accidents.broker import FAULTS
-from webapp.accidents.stage import Stage
+from webapp.accidents.stage import WORKER_THREADS, Stage
 from webapp.models import OrderStatus
 
 #: The steps of an order after its creation, and the notice each sends.
@@ -95,8 +95,8 @@ def _confirm_with_acks_lost(
 
 
 def broken_order(stage: Stage, orders: int) -> dict[str, Any]:
-    """Confirmed, shipped, delivered back to back, on four concurrent workers with a
-    sending latency, and every fifth order's first notice retried."""
+    """Confirmed, shipped, delivered back to back, on the worker's concurrent threads
+    with a sending latency, and every fifth order's first notice retried."""
     FAULTS.reset()
     with_delay = _take_orders_through(stage, orders, ordered=False)
     stage.settle()
@@ -116,7 +116,7 @@ def broken_order(stage: Stage, orders: int) -> dict[str, Any]:
         "example_delay_timeline": next(
             (notices[order_id] for order_id, late in delay_late.items() if late), None
         ),
-        "worker_threads": 4,
+        "worker_threads": WORKER_THREADS,
         "latency_ms": stage.latency_ms,
         "retried": len(range(0, orders, RETRY_EVERY)),
     }
