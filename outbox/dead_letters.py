@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlalchemy import exists, or_, update
 from sqlalchemy.engine import Connection
 
+from outbox.ordering import HOLDS_ITS_KEY
 from outbox.schema import OutboxStatus, keys_table, outbox_table
 
 _t = outbox_table.c
@@ -46,11 +47,7 @@ def _unblock_revived_heads(conn: Connection) -> None:
     """A key stopped at a dead task that is now pending again is no longer blocked: it
     goes on when that task finishes (``outbox.ordering``)."""
     k = keys_table.c
-    revived = exists().where(
-        _t.ordering_key == k.key,
-        _t.ordering_seq == k.head_seq,
-        _t.status == OutboxStatus.PENDING,
-    )
+    revived = exists().where(HOLDS_ITS_KEY, _t.status == OutboxStatus.PENDING)
     conn.execute(
         update(keys_table)
         .where(k.blocked_at.is_not(None), revived)

@@ -155,8 +155,7 @@ class TaskOutbox:
         }
         target = session if session is not None else self._session()
         if ordering_key is not None:
-            bind = target if isinstance(target, Connection) else target.get_bind()
-            seq, holds_key = store_for(bind).next_in_line(target, keys_table, ordering_key, now)
+            seq, holds_key = store_for(target).next_in_line(target, keys_table, ordering_key, now)
             values["ordering_key"] = ordering_key
             values["ordering_seq"] = seq
             if not holds_key:

@@ -45,7 +45,7 @@ from sqlalchemy.engine import Connection, Engine
 from outbox.errors import InvalidOrderingKeyError, KeyNotBlockedError
 from outbox.idempotency import ProcessedMessage, confirms_processing
 from outbox.schema import OutboxStatus, keys_table, outbox_table
-from outbox.stores import Executor, Store, store_for
+from outbox.stores import Executor, store_for
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ FINAL_STATES = {"SUCCESS": True, "IGNORED": True, "FAILURE": False, "REJECTED": 
 _t = outbox_table.c
 _k = keys_table.c
 _processed = cast(Table, ProcessedMessage.__table__).c
+
+#: SQL, between an outbox row and a key's row: the row is the task holding that key.
+HOLDS_ITS_KEY = (_t.ordering_key == _k.key) & (_t.ordering_seq == _k.head_seq)
 
 
 class OnFailure(enum.StrEnum):
@@ -151,7 +154,7 @@ def _pass_on(conn: Executor, key: str, now: datetime) -> None:
     since = None if seq is None else now
     conn.execute(_GIVE, {"of_key": key, "at_seq": seq, "held_since": since, "at": now})
     if seq is not None:
-        _store(conn).wake_relays(conn)
+        store_for(conn).wake_relays(conn)
 
 
 # The hand-over's statements, built once: they run at the end of every ordered task.
@@ -201,10 +204,6 @@ _GIVE = (
         updated_at=_now,
     )
 )
-
-
-def _store(conn: Executor) -> Store:
-    return store_for(conn if isinstance(conn, Connection) else conn.get_bind())
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,11 +264,7 @@ def active_keys(
             _t.status,
             held.label("held"),
         )
-        .select_from(
-            keys_table.outerjoin(
-                outbox_table, (_t.ordering_key == _k.key) & (_t.ordering_seq == _k.head_seq)
-            )
-        )
+        .select_from(keys_table.outerjoin(outbox_table, HOLDS_ITS_KEY))
         .limit(limit)
     )
     if blocked_only:
@@ -357,7 +352,7 @@ def unblock(conn: Connection, key: str, action: UnblockAction, now: datetime) ->
         .where(_k.key == key)
         .values(blocked_at=None, blocked_reason=None, head_since=now, updated_at=now)
     )
-    _store(conn).wake_relays(conn)
+    store_for(conn).wake_relays(conn)
     return f"task {state.head_seq} of {key!r} published again under its task id"
 
 
@@ -407,11 +402,7 @@ class KeyKeeper:
         # Read from the dead rows (their own small index), not from the keys.
         query = (
             select(_t.ordering_key, _t.ordering_seq, _t.last_error)
-            .select_from(
-                outbox_table.join(
-                    keys_table, (_k.key == _t.ordering_key) & (_k.head_seq == _t.ordering_seq)
-                )
-            )
+            .select_from(outbox_table.join(keys_table, HOLDS_ITS_KEY))
             .where(_t.status == OutboxStatus.DEAD, _k.blocked_at.is_(None))
             .limit(BATCH_KEYS)
         )

@@ -138,8 +138,10 @@ class Store(ABC):
         return statement
 
 
-def store_for(bind: Engine | Connection | Dialect) -> Store:
+def store_for(bind: Engine | Dialect | Executor) -> Store:
     """The store for ``bind``'s database; refuses a database the outbox does not support."""
+    if isinstance(bind, Session | scoped_session):
+        bind = bind.get_bind()
     dialect = bind if isinstance(bind, Dialect) else bind.dialect
     if dialect.name == "postgresql":
         from outbox.stores.postgresql import PostgresStore
