@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         producer.connection.ensure_connection(max_retries=3)
 
     if args.mode == "relay":
-        outcome = _drain(Relay(engine, celery_app, OutboxSettings(batch_size=args.batch_size)))
+        with Relay(engine, celery_app, OutboxSettings(batch_size=args.batch_size)) as relay:
+            outcome = _drain(relay)
     elif args.mode == "plain":
         outcome = _publish(celery_app.tasks[args.task], args.count)
     else:

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,19 @@ class Child:
     """One child process group; its stderr (and stdout unless it talks to us) in a log file.
 
     With ``talk=True`` the child's stdin and stdout are pipes for the line protocol of
-    :mod:`bench.child` ("ready", "go", one JSON result line).
+    :mod:`bench.child` ("ready", "go", one JSON result line). ``env`` is set over the
+    benchmark's own environment (another broker's ``CELERY_BROKER_URL``, say).
     """
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, *, talk: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        *,
+        talk: bool = False,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._buffer = b""
@@ -51,7 +61,7 @@ class Child:
             self.popen = subprocess.Popen(
                 args,
                 cwd=ROOT,
-                env=os.environ.copy(),
+                env={**os.environ, **(env or {})},
                 stdin=subprocess.PIPE if talk else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if talk else log,
                 stderr=log,
@@ -60,9 +70,11 @@ class Child:
         _running.append(self)
 
     @classmethod
-    def bench(cls, name: str, log_dir: Path, *args: str) -> Child:
+    def bench(
+        cls, name: str, log_dir: Path, *args: str, env: Mapping[str, str] | None = None
+    ) -> Child:
         """``python -m bench.child ARGS``, talking the line protocol."""
-        return cls(name, [sys.executable, "-m", "bench.child", *args], log_dir, talk=True)
+        return cls(name, [sys.executable, "-m", "bench.child", *args], log_dir, talk=True, env=env)
 
     @property
     def alive(self) -> bool:

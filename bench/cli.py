@@ -29,6 +29,7 @@ SECTIONS = (
     "request",
     "relay",
     "bare",
+    "amqp",
     "batch",
     "latency",
     "backlog",
@@ -45,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=(
-            "Benchmark celery-outbox against PostgreSQL and Redis. Sections: "
+            "Benchmark celery-outbox against PostgreSQL and Redis (and RabbitMQ for "
+            "'amqp'). Sections: "
             + ", ".join(SECTIONS)
             + f"; '{PROFILE}' (or --profile) profiles one relay drain."
         ),

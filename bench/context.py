@@ -31,6 +31,8 @@ class Sizes:
     relay_rows: int
     #: Rows per run of the relay-versus-loop comparison without task events.
     bare_rows: int
+    #: Rows (or loop tasks) per run of the RabbitMQ comparison, each variant.
+    amqp_rows: int
     #: Pending rows per run, and the batch sizes tried (batch-size sweep).
     batch_rows: int
     batch_sizes: tuple[int, ...]
@@ -68,6 +70,7 @@ FULL = Sizes(
     request_block=25,
     relay_rows=50_000,
     bare_rows=20_000,
+    amqp_rows=5_000,
     batch_rows=10_000,
     batch_sizes=(50, 100, 200, 500, 1000),
     latency_rate=200.0,
@@ -91,6 +94,7 @@ QUICK = Sizes(
     request_block=5,
     relay_rows=300,
     bare_rows=200,
+    amqp_rows=200,
     batch_rows=200,
     batch_sizes=(50, 200),
     latency_rate=50.0,

@@ -3,6 +3,8 @@
 Each run starts from an empty outbox table and an empty queue; nobody consumes, so the
 queue's length afterwards checks that every message arrived. Rates count from the moment
 the children were told to go (after they imported and connected) to the last one's end.
+The broker is the run's Redis DB unless a :class:`bench.brokers.Broker` says otherwise
+(a RabbitMQ virtual host).
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bench.brokers import Broker, RedisBroker
 from bench.children import Child
 from bench.context import Context
-from bench.data import DEFAULT_QUEUE, add_pending, count_status, empty_queue, empty_tables
-from bench.data import queue_length as redis_queue_length
+from bench.data import DEFAULT_QUEUE, add_pending, count_status, empty_tables
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,23 +48,25 @@ def relays(
     queue: str = DEFAULT_QUEUE,
     consumed: bool = False,
     events: bool = True,
+    broker: Broker | None = None,
 ) -> Timed:
     """Fill ``rows`` pending rows and drain them with ``processes`` relay processes at once.
 
     ``consumed`` says workers are taking messages off the queue, so its length proves
     nothing and is not checked.
     """
+    broker = broker or RedisBroker(ctx.redis)
     extra = ["--batch-size", str(batch_size)] if batch_size else []
     if not events:
         extra.append("--no-events")
     # Started first: they import and connect while the rows go in, and wait for "go".
     children = [
-        Child.bench(f"relay-{index}", ctx.services.work_dir, "relay", *extra)
+        Child.bench(f"relay-{index}", ctx.services.work_dir, "relay", *extra, env=broker.env)
         for index in range(processes)
     ]
     try:
         empty_tables(ctx.engine)
-        empty_queue(ctx.redis, queue)
+        broker.empty_queue(queue)
         add_pending(ctx.engine, rows, task_name, options)
         for child in children:
             child.expect("ready")
@@ -75,7 +79,7 @@ def relays(
         for child in children:
             child.stop()
     timed = _timed(reports)
-    _check(ctx, timed, rows, queue, consumed=consumed)
+    _check(broker, timed, rows, queue, consumed=consumed)
     left = count_status(ctx.engine, "pending")
     if left:
         raise RuntimeError(f"{left} of {rows} rows are still pending after the drain")
@@ -83,15 +87,29 @@ def relays(
 
 
 def plain_loop(
-    ctx: Context, count: int, task_name: str = "orders.notify_customer", *, events: bool = True
+    ctx: Context,
+    count: int,
+    task_name: str = "orders.notify_customer",
+    *,
+    events: bool = True,
+    broker: Broker | None = None,
 ) -> Timed:
     """``count`` ``apply_async`` calls in a loop from one process: publishing without the
-    outbox, to the same Redis."""
+    outbox, to the same broker."""
+    broker = broker or RedisBroker(ctx.redis)
     empty_tables(ctx.engine)
-    empty_queue(ctx.redis)
+    broker.empty_queue(DEFAULT_QUEUE)
     extra = [] if events else ["--no-events"]
     child = Child.bench(
-        "plain", ctx.services.work_dir, "plain", "--count", str(count), "--task", task_name, *extra
+        "plain",
+        ctx.services.work_dir,
+        "plain",
+        "--count",
+        str(count),
+        "--task",
+        task_name,
+        *extra,
+        env=broker.env,
     )
     try:
         child.expect("ready")
@@ -101,7 +119,7 @@ def plain_loop(
     finally:
         child.stop()
     timed = _timed([report])
-    _check(ctx, timed, count, DEFAULT_QUEUE, consumed=False)
+    _check(broker, timed, count, DEFAULT_QUEUE, consumed=False)
     return timed
 
 
@@ -111,11 +129,11 @@ def _timed(reports: list[dict[str, Any]]) -> Timed:
     return Timed(sum(report["published"] for report in reports), end - start, reports)
 
 
-def _check(ctx: Context, timed: Timed, expected: int, queue: str, *, consumed: bool) -> None:
+def _check(broker: Broker, timed: Timed, expected: int, queue: str, *, consumed: bool) -> None:
     if timed.published != expected:
         raise RuntimeError(f"published {timed.published} messages, expected {expected}")
     if not consumed:
-        found = redis_queue_length(ctx.redis, queue)
+        found = broker.settled_length(queue, expected)
         if found != expected:
             raise RuntimeError(f"queue {queue!r} holds {found} messages, expected {expected}")
-        empty_queue(ctx.redis, queue)
+        broker.empty_queue(queue)

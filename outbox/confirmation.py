@@ -179,18 +179,22 @@ class Confirmation:
     # -- 1. the broker lost its data -----------------------------------------------
 
     def _recover_lost_broker_data(self, now: datetime) -> ConfirmationResult:
+        b = brokers_table.c
+        with self.engine.connect() as conn:
+            known = conn.execute(
+                select(b.data_marker, b.run_id).where(b.broker == self.probe.name)
+            ).one_or_none()
         try:
-            state = self.probe.state()
+            state = (
+                self.probe.state(known.data_marker, known.run_id)
+                if known is not None
+                else self.probe.state()
+            )
         except Exception as e:  # an unreachable broker has nothing to tell; the relay says so
             logger.debug("cannot read the broker's identity: %s", e)
             return ConfirmationResult()
         if state is None:
             return ConfirmationResult()
-        b = brokers_table.c
-        with self.engine.connect() as conn:
-            known = conn.execute(
-                select(b.data_marker, b.run_id).where(b.broker == state.broker)
-            ).one_or_none()
         if known is not None and known.data_marker == state.data_marker:
             if known.run_id != state.run_id:
                 logger.info(

@@ -36,7 +36,7 @@ from outbox.heartbeat import Heartbeat, RelayKind
 from outbox.idempotency import confirms_processing
 from outbox.metrics import DISPATCH_LAG, PUBLISH_FAILURES, PUBLISHED
 from outbox.ordering import KeyKeeper, OnFailure
-from outbox.publishing import ClaimedRow, Publisher, PublishOutcome
+from outbox.publishing import ClaimedRow, PublishOutcome, publisher_for
 from outbox.schema import OutboxStatus, outbox_table
 from outbox.settings import OutboxSettings
 from outbox.stores import store_for
@@ -117,7 +117,7 @@ class Relay:
         self.settings = settings or OutboxSettings()
         self.store = store_for(engine)
         self.probe = probe or probe_for(celery_app, clock=clock)
-        self.publisher = Publisher(celery_app, self.probe)
+        self.publisher = publisher_for(celery_app, self.probe, self.settings)
         self.confirmation = Confirmation(
             engine, celery_app, self.settings, store=self.store, probe=self.probe, clock=clock
         )
@@ -140,6 +140,17 @@ class Relay:
     def now(self) -> datetime:
         """The relay's clock (a test may have given it its own)."""
         return self._clock()
+
+    def close(self) -> None:
+        """Close the broker connection the publisher keeps (RabbitMQ's confirm channel);
+        the next batch would open a new one."""
+        self.publisher.close()
+
+    def __enter__(self) -> Relay:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def run_once(self) -> BatchResult:
         """Claim, publish and mark at most one batch of due rows, in one transaction."""

@@ -19,6 +19,7 @@ DEFAULT_RETRY_BACKOFF = 2.0
 DEFAULT_RETRY_BACKOFF_MAX = 600.0
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 DEFAULT_CONFIRM_TIMEOUT = 3600.0
+DEFAULT_PUBLISH_CONFIRM_TIMEOUT = 10.0
 DEFAULT_RETENTION = 7 * 86400.0
 DEFAULT_PROCESSED_RETENTION = 30 * 86400.0
 
@@ -67,6 +68,9 @@ class OutboxSettings:
     #: still running waits for it and is then skipped, but it is wasted work. On Redis a
     #: lost message is found much sooner, by looking for it (``outbox.confirmation``).
     confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT
+    #: Seconds the relay waits for a broker with publisher confirms (RabbitMQ) to
+    #: acknowledge a batch; what is unconfirmed then stays pending and goes out again.
+    publish_confirm_timeout: float = DEFAULT_PUBLISH_CONFIRM_TIMEOUT
     #: Seconds dispatched rows are kept before the cleanup deletes them.
     retention: float = DEFAULT_RETENTION
     #: Seconds idempotent consumers remember a processed task id. Longer than any
@@ -100,6 +104,12 @@ class OutboxSettings:
         )
 
         _require(self.confirm_timeout > 0, "confirm_timeout", self.confirm_timeout, "> 0 seconds")
+        _require(
+            self.publish_confirm_timeout > 0,
+            "publish_confirm_timeout",
+            self.publish_confirm_timeout,
+            "> 0 seconds",
+        )
         _require(self.retention > 0, "retention", self.retention, "> 0 seconds")
         _require(
             self.processed_retention > self.confirm_timeout,

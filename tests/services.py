@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from sqlalchemy import Engine, insert, make_url, text
 
 from outbox import OutboxStatus, outbox_table
 from tests.conftest import REDIS_DB, RUN_ID
+from tests.rabbitmq import RabbitMQError, create_vhost, delete_vhost
 
 #: The checkout: processes the tests start run in it, as a user runs the commands.
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +70,54 @@ def redis_client(pytestconfig: pytest.Config) -> redis.Redis:
     if pytestconfig.stash.get(REDIS_DB, None) is None:
         pytest.fail("Redis on 127.0.0.1:6379 is not reachable (or every test DB is taken).")
     return redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_vhost() -> Iterator[str]:
+    """This run's virtual host on the machine's RabbitMQ, removed at the end."""
+    vhost = f"outbox_test_{RUN_ID}"
+    try:
+        create_vhost(vhost)
+    except RabbitMQError as e:
+        pytest.fail(f"RabbitMQ on 127.0.0.1:5672 is not reachable: {e}")
+    yield vhost
+    delete_vhost(vhost)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(rabbitmq_vhost: str) -> str:
+    return f"amqp://guest:guest@127.0.0.1:5672/{rabbitmq_vhost}"
+
+
+#: The brokers every broker test runs on.
+BROKERS = ("redis", "rabbitmq")
+
+
+@pytest.fixture(params=BROKERS)
+def broker_url(request: pytest.FixtureRequest, redis_client: redis.Redis) -> str:
+    """This run's Redis DB, then this run's RabbitMQ virtual host."""
+    if request.param == "redis":
+        return os.environ["CELERY_BROKER_URL"]
+    url: str = request.getfixturevalue("rabbitmq_url")
+    return url
+
+
+def app_on(broker_url: str, name: str = "outbox-test", **settings: Any) -> Celery:
+    """A Celery app configured like the example's (``celeryconfig``) on ``broker_url``,
+    with the example's tasks registered."""
+    from tasks import app as example
+
+    app = Celery(name, set_as_current=False)
+    app.config_from_object("celeryconfig")
+    # CELERY_BROKER_URL (this run's Redis) outranks broker_url; these two outrank it.
+    app.conf.broker_url = app.conf.broker_read_url = app.conf.broker_write_url = broker_url
+    if not broker_url.startswith("redis"):
+        app.conf.broker_transport_options = {}
+    app.conf.update(settings)
+    for task_name, task in example.tasks.items():
+        if not task_name.startswith("celery."):
+            app.tasks.register(task)
+    return app
 
 
 @pytest.fixture(scope="session")
@@ -117,21 +167,17 @@ def celery_app(app: Flask) -> Celery:
     return celery_app
 
 
-@pytest.fixture(scope="session")
-def worker(
-    app: Flask,
-    celery_app: Celery,
-    tmp_path_factory: pytest.TempPathFactory,
-    pytestconfig: pytest.Config,
-) -> Iterator[str]:
-    """One ``celery -A tasks worker`` process for the session; yields its node name."""
-    node = f"outbox-test-{RUN_ID}@localhost"
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
+@contextmanager
+def running_worker(
+    celery_app: Celery, node: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``celery -A tasks worker`` process (with the tests' tasks), answering pings on
+    ``celery_app``'s broker before this yields; stopped when it ends."""
     with log.open("wb") as out:
         process = subprocess.Popen(
             worker_command(node, include="tests.worker_tasks"),
             cwd=ROOT,
-            env=os.environ.copy(),
+            env={**os.environ, **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -145,8 +191,7 @@ def worker(
         )
         if process.poll() is not None:
             pytest.fail(f"the Celery worker exited at start-up:\n{log.read_text()}")
-        pytestconfig.stash[WORKER_LOG] = log
-        yield node
+        yield process
     finally:
         process.terminate()
         try:
@@ -154,6 +199,49 @@ def worker(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def worker(
+    app: Flask,
+    celery_app: Celery,
+    tmp_path_factory: pytest.TempPathFactory,
+    pytestconfig: pytest.Config,
+) -> Iterator[str]:
+    """One ``celery -A tasks worker`` process for the session; yields its node name."""
+    node = f"outbox-test-{RUN_ID}@localhost"
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with running_worker(celery_app, node, log):
+        pytestconfig.stash[WORKER_LOG] = log
+        yield node
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_app(app: Flask, rabbitmq_url: str) -> Celery:
+    """The example's tasks on an app whose broker is this run's RabbitMQ vhost."""
+    import tests.worker_tasks  # noqa: F401  (registers its tasks on the example's app)
+
+    return app_on(rabbitmq_url, "outbox-test-rabbitmq")
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_worker(
+    rabbitmq_app: Celery, rabbitmq_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """``celery -A tasks worker`` with ``CELERY_BROKER_URL`` set to this run's RabbitMQ
+    vhost, as the README switches the example; yields its node name."""
+    node = f"outbox-test-amqp-{RUN_ID}@localhost"
+    log = tmp_path_factory.mktemp("rabbitmq-worker") / "worker.log"
+    with running_worker(rabbitmq_app, node, log, {"CELERY_BROKER_URL": rabbitmq_url}):
+        yield node
+
+
+@pytest.fixture
+def stack(broker_url: str, request: pytest.FixtureRequest) -> tuple[Celery, str]:
+    """The Celery app and a running worker's node on each broker in turn."""
+    if broker_url.startswith("redis"):
+        return request.getfixturevalue("celery_app"), request.getfixturevalue("worker")
+    return request.getfixturevalue("rabbitmq_app"), request.getfixturevalue("rabbitmq_worker")
 
 
 WORKER_LOG = pytest.StashKey[Path]()

@@ -35,7 +35,14 @@ def broker_url() -> str:
 
 
 def result_backend() -> str:
-    return os.environ.get("CELERY_RESULT_BACKEND") or f"file://{var_dir() / 'results'}"
+    """``CELERY_RESULT_BACKEND``, else a folder under the demo directory, made here: it is
+    the default whatever the broker, not only beside the filesystem broker."""
+    configured = os.environ.get("CELERY_RESULT_BACKEND")
+    if configured:
+        return configured
+    results = var_dir() / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    return f"file://{results}"
 
 
 #: Redis broker defaults. Every socket operation is bounded, so a broker that hangs
@@ -70,7 +77,7 @@ def broker_transport_options() -> dict[str, Any]:
         return extra
     broker_dir = var_dir() / "broker"
     queue_dir, control_dir = broker_dir / "queue", broker_dir / "control"
-    for folder in (queue_dir, control_dir, var_dir() / "results"):
+    for folder in (queue_dir, control_dir):
         folder.mkdir(parents=True, exist_ok=True)
     return {
         "data_folder_in": str(queue_dir),

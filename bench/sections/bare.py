@@ -39,6 +39,6 @@ def run(ctx: Context) -> list[Figure]:
             "ratio relay / plain, no task events",
             RATIO,
             ratios(rates[RELAY], rates[PLAIN]),
-            target=Target.at_least(1.5, RATIO),
+            target=Target.at_least(3, RATIO),
         ),
     ]

@@ -62,7 +62,7 @@ def run(ctx: Context) -> list[Figure]:
             "relay process (LISTEN/NOTIFY): p50",
             "ms",
             p50[RELAY],
-            target=Target.at_most(10, " ms"),
+            target=Target.at_most(5, " ms"),
             note=f"flask outbox relay; {load}",
             samples=samples[RELAY],
         ),

@@ -48,7 +48,7 @@ def run(ctx: Context) -> list[Figure]:
             "ratio relay1 / plain",
             RATIO,
             ratios(rates[RELAY1], rates[PLAIN]),
-            target=Target.at_least(1.5, RATIO),
+            target=Target.at_least(3, RATIO),
         ),
         Figure(
             SECTION,

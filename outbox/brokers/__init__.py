@@ -69,8 +69,13 @@ class BrokerProbe(ABC):
         return True
 
     @abstractmethod
-    def state(self) -> BrokerState | None:
-        """The broker's instance and data marker, or ``None`` if it cannot tell."""
+    def state(
+        self, known_marker: str | None = None, known_run_id: str | None = None
+    ) -> BrokerState | None:
+        """The broker's instance and data marker, or ``None`` if it cannot tell.
+
+        ``known_marker`` and ``known_run_id`` are what the outbox recorded of this broker
+        last time, for brokers that can only answer "is this one still there?"."""
 
     @abstractmethod
     def held_task_ids(self, queues: Collection[str]) -> set[str] | None:
@@ -82,7 +87,9 @@ class BrokerProbe(ABC):
 class OpaqueBrokerProbe(BrokerProbe):
     """A broker that can only say whether it answers (kombu's filesystem, memory, ...)."""
 
-    def state(self) -> BrokerState | None:
+    def state(
+        self, known_marker: str | None = None, known_run_id: str | None = None
+    ) -> BrokerState | None:
         return None
 
     def held_task_ids(self, queues: Collection[str]) -> set[str] | None:
@@ -105,6 +112,10 @@ def probe_for(celery_app: Celery, *, clock: Clock = utcnow) -> BrokerProbe:
         from outbox.brokers.redis import RedisProbe
 
         return RedisProbe(celery_app, clock=clock)
+    if driver == "amqp":
+        from outbox.brokers.amqp import AmqpProbe
+
+        return AmqpProbe(celery_app, clock=clock)
     return OpaqueBrokerProbe(celery_app, clock=clock)
 
 

@@ -71,7 +71,9 @@ class RedisProbe(BrokerProbe):
             return False
         return True
 
-    def state(self) -> BrokerState:
+    def state(
+        self, known_marker: str | None = None, known_run_id: str | None = None
+    ) -> BrokerState:
         planted = uuid.uuid4().hex
         with self._connection() as conn:
             client, prefix = _client(conn), _prefix(conn)

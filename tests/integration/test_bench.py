@@ -24,6 +24,7 @@ SECTION_ROWS = {
     "request": "confirm via outbox",
     "relay": "one relay process",
     "bare": "ratio relay / plain, no task events",
+    "amqp": "ratio relay / confirm_publish loop",
     "batch": "one relay, batch size",
     "latency": "relay process (LISTEN/NOTIFY): p50",
     "backlog": "claim 200 rows beside",

@@ -256,8 +256,11 @@ class StubBroker(OpaqueBrokerProbe):
     def __init__(self, celery_app: Celery, clock: FakeClock) -> None:
         super().__init__(celery_app, clock=clock)
         self.identity = BrokerState("redis://stub:6379/0", "marker-1", "run-1", clock.now)
+        self.name = self.identity.broker
 
-    def state(self) -> BrokerState:
+    def state(
+        self, known_marker: str | None = None, known_run_id: str | None = None
+    ) -> BrokerState:
         return self.identity
 
     def restart(self, at: datetime, *, keeps_data: bool = False) -> None:
