@@ -33,8 +33,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, render_template, request
 from sqlalchemy import Row
 
+from outbox.cli import flower_task_url
 from outbox.clock import utcnow
-from outbox.contrib.flask import EXTENSION_NAME, flower_task_url
+from outbox.contrib.flask import EXTENSION_NAME
 from outbox.errors import InvalidSearchError, InvalidSettingError
 from outbox.health import DEFAULT_MAX_LAG, assess
 from outbox.schema import OutboxStatus

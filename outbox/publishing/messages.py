@@ -153,10 +153,8 @@ class MessageBuilder:
         soft_time_limit = options.pop("soft_time_limit", None)
         expires = options.pop("expires", None)
         ignore_result = options.pop("ignore_result", None)
-        try:
-            options = self._amqp.router.route(options, row.task_name, args, kwargs, hooks)
-        except KeyError as e:  # a queue neither declared nor creatable
-            raise RowFailedError(f"cannot route {row.task_name!r}: no queue {e}") from e
+        # A queue neither declared nor creatable raises QueueNotFound: the row's fault.
+        options = self._amqp.router.route(options, row.task_name, args, kwargs, hooks)
         if expires is not None:
             # Stored by outbox.options as an aware ISO 8601 moment.
             expires_at = datetime.fromisoformat(expires) if isinstance(expires, str) else expires

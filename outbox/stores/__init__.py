@@ -143,19 +143,26 @@ def store_for(bind: Engine | Dialect | Executor) -> Store:
     if isinstance(bind, Session | scoped_session):
         bind = bind.get_bind()
     dialect = bind if isinstance(bind, Dialect) else bind.dialect
-    if dialect.name == "postgresql":
+    return store_named(dialect.name)
+
+
+def store_named(database: str) -> Store:
+    """The store for the database SQLAlchemy names ``database`` (a URL's backend name,
+    e.g. ``postgresql`` for ``postgresql+psycopg://``), so that an application can be
+    refused at start-up, before it has an engine."""
+    if database == "postgresql":
         from outbox.stores.postgresql import PostgresStore
 
         return PostgresStore()
-    if dialect.name == "sqlite":
+    if database == "sqlite":
         from outbox.stores.sqlite import SqliteStore
 
         return SqliteStore()
     raise UnsupportedDatabaseError(
-        f"celery-outbox does not support the {dialect.name!r} database: its claim, "
+        f"celery-outbox does not support the {database!r} database: its claim, "
         "confirmation and search statements are written for PostgreSQL and SQLite. "
         "Keep the outbox's tables in one of those."
     )
 
 
-__all__ = ["Executor", "Store", "store_for"]
+__all__ = ["Executor", "Store", "store_for", "store_named"]

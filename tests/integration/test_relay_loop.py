@@ -58,6 +58,21 @@ def test_a_commit_wakes_the_relay_through_notify(
         redis_client.delete(queue_name)
 
 
+def enqueue_and_see_it_dispatched(
+    engine: Engine, celery_app: Celery, relay: subprocess.Popen[str], queue: str
+) -> None:
+    """Commit one task and wait until the running ``relay`` process has published it."""
+    with Session(engine) as session:
+        result = TaskOutbox(celery_app).apply_async(
+            "orders.notify_customer", args=(1,), queue=queue, session=session
+        )
+        session.commit()
+    dispatched = wait_for(
+        lambda: row_status(engine, result.id) == OutboxStatus.DISPATCHED or relay.poll(),
+    )
+    assert dispatched is True, f"the relay exited ({relay.poll()})"
+
+
 class Output:
     """A process's output lines, collected by a thread so they can be waited for."""
 
@@ -121,15 +136,7 @@ def test_relay_command_runs_until_sigterm(
         ready = output.wait_for_line("relay: ready, waiting for commits")
         assert "(LISTEN celery_outbox, polling every 600s as well)" in ready
         beaten_before = heartbeat.stat().st_mtime_ns
-        with Session(engine) as session:
-            result = TaskOutbox(celery_app).apply_async(
-                "orders.notify_customer", args=(1,), queue="relay-cli-test", session=session
-            )
-            session.commit()
-        dispatched = wait_for(
-            lambda: row_status(engine, result.id) == OutboxStatus.DISPATCHED or process.poll(),
-        )
-        assert dispatched is True, f"the relay exited ({process.poll()})"
+        enqueue_and_see_it_dispatched(engine, celery_app, process, "relay-cli-test")
         wait_for(lambda: heartbeat.stat().st_mtime_ns > beaten_before)
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:

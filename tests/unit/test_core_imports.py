@@ -7,9 +7,10 @@ import sys
 
 
 def test_the_core_imports_neither_flask_nor_any_web_framework() -> None:
-    """`import outbox` (and its relay and confirmation) leaves Flask and Werkzeug unloaded."""
+    """`import outbox` (and its relay, confirmation and command line) leaves Flask and
+    Werkzeug unloaded."""
     check = (
-        "import sys, outbox, outbox.relay, outbox.relay_loop, outbox.confirmation; "
+        "import sys, outbox, outbox.relay, outbox.relay_loop, outbox.confirmation, outbox.cli; "
         "print(sorted(m for m in ('flask', 'werkzeug', 'flask_sqlalchemy') if m in sys.modules))"
     )
     result = subprocess.run(
