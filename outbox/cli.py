@@ -426,11 +426,13 @@ def load_celery_app(name: str) -> Celery:
     "app_name",
     required=True,
     envvar="OUTBOX_CELERY_APP",
+    show_envvar=True,
     help="The Celery app, as for `celery -A` (e.g. tasks or proj.celery:app).",
 )
 @click.option(
     "--database-url",
     envvar=["OUTBOX_DATABASE_URL", "DATABASE_URL"],
+    show_envvar=True,
     required=True,
     help="The database holding the outbox's tables; better given as OUTBOX_DATABASE_URL "
     "or DATABASE_URL in the environment, which keeps a password out of `ps`.",
