@@ -186,9 +186,13 @@ class ConfirmingPublisher(Publisher):
             try:
                 self._send(link, rows, outcome, tasks)
                 self._await_confirms(link)
-            except (ChannelError, BrokerUnavailable, *link.connection.connection_errors) as e:
-                outcome.broker_error = e
-            except (BrokerRefusedError, ConfirmTimeoutError) as e:
+            except (
+                ChannelError,
+                BrokerUnavailable,
+                BrokerRefusedError,
+                ConfirmTimeoutError,
+                *link.connection.connection_errors,
+            ) as e:
                 outcome.broker_error = e
             self._settle(link, rows, outcome, tasks)
             if outcome.broker_error is not None:
@@ -207,7 +211,6 @@ class ConfirmingPublisher(Publisher):
             except Exception:
                 logger.info("the relay's AMQP connection was closed; connecting again")
             self._discard()
-        self._link = None
         # Heartbeats need a reader; this connection is read only while a batch waits for
         # its confirms, so it asks for none and finds a dead peer by the bounded waits.
         # Every read and write on it is bounded too: a blocked connection (a memory

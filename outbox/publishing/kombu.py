@@ -72,13 +72,14 @@ class KombuPublisher(Publisher):
         its task. Raises ``RowFailedError`` when the row is at fault and
         ``BrokerFailedError`` when the broker is."""
         message = self.messages.build(row)
-        declared = producer.connection.declared_entities
-        publish = message.publish
-        publish["declare"] = undeclared(publish["declare"], declared)
+        # The message keeps Celery's declare list, which before_task_publish receives.
+        declare = undeclared(message.publish["declare"], producer.connection.declared_entities)
         try:
             with publishing_context(message.headers):
                 announce_before(message)
-                producer.publish(message.body, retry=False, **publish)
+                producer.publish(
+                    message.body, retry=False, **{**message.publish, "declare": declare}
+                )
                 announce_after(message)
                 if message.sent_event is not None:
                     self.messages.events.publish(

@@ -250,11 +250,7 @@ def announce_before(message: TaskMessage) -> None:
             routing_key=publish["routing_key"],
             declare=publish["declare"],
             headers=publish["headers"],
-            properties={
-                k: v
-                for k, v in publish.items()
-                if k not in _SENDER_PARAMETERS and k not in {"serializer", "compression"}
-            },
+            properties={k: v for k, v in publish.items() if k not in _SENDER_PARAMETERS},
             retry_policy={},
         )
 
