@@ -439,7 +439,8 @@ class Confirmation:
     def _update_in_batches(self, ids: Select[Any], **values: Any) -> int:
         """Set ``values`` on every row ``ids`` selects, ``BATCH_ROWS`` per transaction."""
         total = 0
-        statement = update(outbox_table).where(_t.id.in_(ids.limit(BATCH_ROWS))).values(**values)
+        batch = self.store.among(_t.id, ids.limit(BATCH_ROWS))
+        statement = update(outbox_table).where(batch).values(**values)
         while True:
             with self.engine.begin() as conn:
                 changed = int(conn.execute(statement).rowcount)

@@ -39,13 +39,13 @@ from datetime import datetime
 from typing import Any, cast
 
 from celery import Celery
-from sqlalchemy import Table, bindparam, delete, func, select, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.errors import InvalidOrderingKeyError, KeyNotBlockedError
 from outbox.idempotency import ProcessedMessage, confirms_processing
 from outbox.schema import OutboxStatus, keys_table, outbox_table
-from outbox.stores import Executor, store_for
+from outbox.stores import Executor, RowUpdate, store_for
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def finish(conn: Executor, place: Place, now: datetime, *, error: str | None = N
             "ordering key %r stopped: its task %d failed: %s", place.key, place.seq, error
         )
         return True
-    last_seq = conn.execute(_RELEASE, values).scalar_one_or_none()
+    last_seq = store_for(conn).update_one(conn, _RELEASE, values)
     if last_seq is None:
         return False
     if last_seq > place.seq:
@@ -150,11 +150,12 @@ def finish(conn: Executor, place: Place, now: datetime, *, error: str | None = N
 
 def _pass_on(conn: Executor, key: str, now: datetime) -> None:
     """Give ``key`` (whose row this transaction has locked) to its next held task."""
-    seq = conn.execute(_PROMOTE, {"of_key": key}).scalar_one_or_none()
+    store = store_for(conn)
+    seq = store.update_one(conn, _PROMOTE, {"of_key": key})
     since = None if seq is None else now
     conn.execute(_GIVE, {"of_key": key, "at_seq": seq, "held_since": since, "at": now})
     if seq is not None:
-        store_for(conn).wake_relays(conn)
+        store.wake_relays(conn)
 
 
 # The hand-over's statements, built once: they run at the end of every ordered task.
@@ -171,27 +172,27 @@ _BLOCK = (
         updated_at=_now,
     )
 )
-_RELEASE = (
-    update(keys_table)
-    .where(_holds)
-    .values(head_seq=None, head_since=None, blocked_at=None, blocked_reason=None, updated_at=_now)
-    .returning(_k.last_seq)
+_RELEASE = RowUpdate(
+    keys_table,
+    where=_holds,
+    values={
+        "head_seq": None,
+        "head_since": None,
+        "blocked_at": None,
+        "blocked_reason": None,
+        "updated_at": _now,
+    },
+    returning=_k.last_seq,
 )
 # The key's next held task becomes pending. Its due time stays as it was: moving it to
 # ``now`` would make it wait for the difference whenever this host's clock runs ahead
 # of the relay's.
-_PROMOTE = (
-    update(outbox_table)
-    .where(
-        _t.id
-        == select(_t.id)
-        .where(_t.ordering_key == _key, _t.status == OutboxStatus.HELD)
-        .order_by(_t.ordering_seq)
-        .limit(1)
-        .scalar_subquery()
-    )
-    .values(status=OutboxStatus.PENDING)
-    .returning(_t.ordering_seq)
+_PROMOTE = RowUpdate(
+    outbox_table,
+    where=(_t.ordering_key == _key) & (_t.status == OutboxStatus.HELD),
+    order_by=_t.ordering_seq,
+    values={"status": OutboxStatus.PENDING},
+    returning=_t.ordering_seq,
 )
 _GIVE = (
     update(keys_table)
@@ -388,8 +389,9 @@ class KeyKeeper:
         self.celery_app = celery_app
         self.on_failure = on_failure
         self._clock = clock
-        #: The last key of the previous window of busy keys.
-        self._after = ""
+        #: Where the previous window of busy keys ended (its last ``head_since`` and key),
+        #: or ``None`` to start from the oldest.
+        self._after: tuple[datetime, str] | None = None
 
     def run_once(self) -> KeyKeeperResult:
         now = self._clock()
@@ -418,10 +420,23 @@ class KeyKeeper:
         )
 
     def _hand_on_finished(self, now: datetime) -> tuple[int, int]:
+        # Busy keys in the order their task took them (``head_since``, then the key), from
+        # where the last window ended: the busy-keys index, which holds no idle key on
+        # PostgreSQL and SQLite, and puts them first (NULL) on MariaDB, where it holds
+        # every key. A key handed on meanwhile moves ahead of the window and is seen again
+        # later in the same round; none is passed over.
+        busy: list[ColumnElement[bool]] = [
+            _k.head_seq.is_not(None),
+            _k.head_since.is_not(None),
+            _k.blocked_at.is_(None),
+        ]
+        if self._after is not None:
+            since, key = self._after
+            busy.append(or_(_k.head_since > since, and_(_k.head_since == since, _k.key > key)))
         window = (
-            select(_k.key, _k.head_seq)
-            .where(_k.head_seq.is_not(None), _k.blocked_at.is_(None), _k.key > self._after)
-            .order_by(_k.key)
+            select(_k.key, _k.head_seq, _k.head_since)
+            .where(*busy)
+            .order_by(_k.head_since, _k.key)
             .limit(KEY_WINDOW)
             .subquery()
         )
@@ -436,9 +451,11 @@ class KeyKeeper:
             .where(_t.status == OutboxStatus.DISPATCHED, _t.task_state.in_(list(FINAL_STATES)))
         )
         with self.engine.connect() as conn:
-            last = conn.execute(select(func.max(w.key), func.count())).one()
+            seen = conn.execute(
+                select(w.head_since, w.key).order_by(w.head_since.desc(), w.key.desc())
+            ).all()
             rows = conn.execute(finished).all()
-        self._after = last[0] if last[1] >= KEY_WINDOW else ""
+        self._after = (seen[0][0], seen[0][1]) if len(seen) >= KEY_WINDOW else None
         handed_on = failed = 0
         for row in rows:
             task = self.celery_app.tasks.get(row.task_name)

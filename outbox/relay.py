@@ -112,10 +112,10 @@ class Relay:
         probe: BrokerProbe | None = None,
         after_publish: Callable[[], None] | None = None,
     ) -> None:
-        self.engine = engine
+        self.store = store_for(engine)
+        engine = self.engine = self.store.outbox_engine(engine)
         self.celery_app = celery_app
         self.settings = settings or OutboxSettings()
-        self.store = store_for(engine)
         self.probe = probe or probe_for(celery_app, clock=clock)
         self.publisher = publisher_for(celery_app, self.probe, self.settings)
         self.confirmation = Confirmation(
@@ -136,6 +136,7 @@ class Relay:
         #: half-way after progress from one that got nothing done.
         self.committed_batches = 0
         self._next_maintenance: datetime | None = None
+        self._server_checked = False
 
     def now(self) -> datetime:
         """The relay's clock (a test may have given it its own)."""
@@ -155,6 +156,9 @@ class Relay:
     def run_once(self) -> BatchResult:
         """Claim, publish and mark at most one batch of due rows, in one transaction."""
         with self.store.relay_connection(self.engine) as conn, conn.begin():
+            if not self._server_checked:
+                self.store.check_server(conn)
+                self._server_checked = True
             rows = self._claim(conn)
             if not rows:
                 return BatchResult()
@@ -229,6 +233,16 @@ class Relay:
     def _claim(self, conn: Connection) -> list[ClaimedRow]:
         self.store.lock_for_claim(conn)
         return [ClaimedRow(**row._mapping) for row in conn.execute(self.claim_query())]
+
+    def has_due_rows(self, conn: Connection) -> bool:
+        """Whether a row is due: the first entry of the pending rows' index, read without
+        a lock (what a relay loop asks where the database cannot notify it)."""
+        due = (
+            select(_t.id)
+            .where(_t.status == OutboxStatus.PENDING, _t.available_at <= self._clock())
+            .limit(1)
+        )
+        return conn.execute(due).first() is not None
 
     def claim_query(self) -> Select[Any]:
         """The statement that claims one batch (public so its plan can be checked)."""

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 
 from outbox.idempotency import ProcessedMessage
 from outbox.schema import OutboxStatus, keys_table, outbox_table
+from outbox.stores import store_for
 
 _t = outbox_table.c
 
@@ -35,6 +36,7 @@ def purge_outbox(
     ``ix_celery_outbox_dead``). Dispatched rows still awaiting their consumer's
     confirmation are kept.
     """
+    store = store_for(engine)
     total = 0
     for status in statuses:
         if status == OutboxStatus.DISPATCHED:
@@ -44,7 +46,7 @@ def purge_outbox(
             since = _t.created_at
             which = (_t.status == status) & (since < older_than)
         doomed = select(_t.id).where(which).order_by(since).limit(batch_size)
-        statement = delete(outbox_table).where(_t.id.in_(doomed))
+        statement = delete(outbox_table).where(store.among(_t.id, doomed))
         total += _delete_in_batches(engine, statement, progress)
     return total
 
@@ -66,7 +68,8 @@ def purge_processed(
         .where(ProcessedMessage.processed_at < older_than)
         .limit(batch_size)
     )
-    statement = delete(ProcessedMessage).where(ProcessedMessage.task_id.in_(doomed))
+    processed = ProcessedMessage.__table__.c
+    statement = delete(ProcessedMessage).where(store_for(engine).among(processed.task_id, doomed))
     return _delete_in_batches(engine, statement, progress)
 
 
@@ -88,7 +91,9 @@ def purge_idle_keys(
         .limit(batch_size)
     )
     # The condition again on the row itself: a key taken again meanwhile is kept.
-    statement = delete(keys_table).where(k.key.in_(doomed), k.head_seq.is_(None))
+    statement = delete(keys_table).where(
+        store_for(engine).among(k.key, doomed), k.head_seq.is_(None)
+    )
     return _delete_in_batches(engine, statement, progress)
 
 

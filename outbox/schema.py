@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -31,7 +32,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import JSON
+from sqlalchemy.types import JSON, TypeEngine
+
+from outbox.stores import known_store
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -57,12 +60,17 @@ class OutboxStatus(enum.StrEnum):
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend.
 
-    SQLite has no time zone type and hands back naive values; normalising here means
-    the rest of the library only ever compares aware datetimes.
+    SQLite and MySQL have no time zone type (the store says so, and which column type
+    keeps microseconds): values are stored as naive UTC, and normalising here means the
+    rest of the library only ever compares aware datetimes.
     """
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        store = known_store(dialect.name)
+        return dialect.type_descriptor(store.timestamp_type if store else self.impl)
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -70,7 +78,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime")
         value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        store = known_store(dialect.name)
+        return value.replace(tzinfo=None) if store and store.naive_timestamps else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -78,6 +87,18 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+
+class TaskIdType(TypeDecorator[uuid.UUID]):
+    """A task id: the store's UUID column type (PostgreSQL's ``uuid``, 32 hex characters
+    elsewhere), whatever the connection URL's scheme picks by default."""
+
+    impl = Uuid()
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        store = known_store(dialect.name)
+        return dialect.type_descriptor(store.uuid_type if store else self.impl)
 
 
 #: JSONB on PostgreSQL (indexable, compact), JSON text elsewhere.
@@ -102,7 +123,7 @@ class OutboxMessage(Base):
     __tablename__ = "celery_outbox"
 
     id: Mapped[int] = mapped_column(BigIntegerPK, primary_key=True, autoincrement=True)
-    task_id: Mapped[uuid.UUID] = mapped_column(Uuid(), unique=True, nullable=False)
+    task_id: Mapped[uuid.UUID] = mapped_column(TaskIdType(), unique=True, nullable=False)
     task_name: Mapped[str] = mapped_column(String(255), nullable=False)
     args: Mapped[list[Any]] = mapped_column(JSONType, nullable=False)
     kwargs: Mapped[dict[str, Any]] = mapped_column(JSONType, nullable=False)
@@ -158,9 +179,12 @@ class OutboxMessage(Base):
     __table_args__ = (
         # The relay's claim query walks this index in order and stops at the first row
         # that is not due yet: only pending rows are in it, so millions of dispatched
-        # rows cost nothing.
+        # rows cost nothing. The indexes on a status lead with it: where there are no
+        # partial indexes (MariaDB, MySQL) the same index holds every row, and the
+        # status still takes the lookup straight to its rows.
         Index(
             "ix_celery_outbox_pending_due",
+            "status",
             "available_at",
             "id",
             postgresql_where=text("status = 'pending'"),
@@ -178,6 +202,7 @@ class OutboxMessage(Base):
         # The next task of a key, found when the one before it finishes.
         Index(
             "ix_celery_outbox_held",
+            "status",
             "ordering_key",
             "ordering_seq",
             postgresql_where=text("status = 'held'"),
@@ -187,6 +212,7 @@ class OutboxMessage(Base):
         # dispatched ones.
         Index(
             "ix_celery_outbox_dead",
+            "status",
             "created_at",
             "id",
             postgresql_where=text("status = 'dead'"),
@@ -196,6 +222,7 @@ class OutboxMessage(Base):
         # last minute reads its newest end.
         Index(
             "ix_celery_outbox_dispatched_at",
+            "status",
             "dispatched_at",
             postgresql_where=text("status = 'dispatched'"),
             sqlite_where=text("status = 'dispatched'"),
@@ -286,9 +313,12 @@ class OrderingKey(Base):
             postgresql_where=text("blocked_at IS NOT NULL"),
             sqlite_where=text("blocked_at IS NOT NULL"),
         ),
-        # Keys a task holds, walked in key order by the relays' key keeper.
+        # Keys a task holds, oldest first: walked by the relays' key keeper and listed by
+        # ``outbox keys``. Led by ``head_since``, NULL for an idle key, so that where
+        # the index holds every key (MariaDB, MySQL) the idle ones are skipped too.
         Index(
             "ix_celery_outbox_keys_busy",
+            "head_since",
             "key",
             postgresql_where=text("head_seq IS NOT NULL"),
             sqlite_where=text("head_seq IS NOT NULL"),
@@ -335,5 +365,10 @@ event.listen(outbox_table, "after_create", _notify_trigger)
 
 
 def create_tables(bind: Engine | Connection) -> None:
-    """Create the outbox's tables and indexes if they do not exist (idempotent)."""
+    """Create the outbox's tables and indexes if they do not exist (idempotent); refuse
+    a database server too old for the outbox first."""
+    with bind.connect() if isinstance(bind, Engine) else nullcontext(bind) as conn:
+        store = known_store(conn.dialect.name)
+        if store is not None:
+            store.check_server(conn)
     metadata.create_all(bind, checkfirst=True)

@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 
+from tests.mariadb import create_database, drop_database
 from tests.redis_claim import claim_redis_db, release_redis_db
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -23,6 +24,9 @@ REDIS_SERVER = "redis://127.0.0.1:6379"
 pytest_plugins = ["tests.services"]
 
 RUN_ID = uuid.uuid4().hex[:12]
+TEST_DATABASE = os.environ.get("OUTBOX_TEST_DATABASE", "postgresql")
+#: This run's MariaDB database (and user), created when a test first needs it.
+MARIADB_DATABASE = f"outbox_test_{RUN_ID}"
 REDIS_DB = pytest.StashKey[int | None]()
 DEMO_DIR = pytest.StashKey[str]()
 
@@ -30,7 +34,13 @@ DEMO_DIR = pytest.StashKey[str]()
 def pytest_configure(config: pytest.Config) -> None:
     redis_db = claim_redis_db(REDIS_SERVER, RUN_ID)
     config.stash[REDIS_DB] = redis_db
-    os.environ["DATABASE_URL"] = f"{PG_SERVER}/outbox_test_{RUN_ID}"
+    # The database the example app, its worker and the integration tests share. The store
+    # tests run on every database whatever this is (``store_engine`` in tests.services);
+    # OUTBOX_TEST_DATABASE=mariadb runs the whole suite's app on MariaDB instead.
+    if TEST_DATABASE == "mariadb":
+        os.environ["DATABASE_URL"] = create_database(MARIADB_DATABASE)
+    else:
+        os.environ["DATABASE_URL"] = f"{PG_SERVER}/outbox_test_{RUN_ID}"
     os.environ["CELERY_BROKER_URL"] = f"{REDIS_SERVER}/{redis_db if redis_db is not None else 15}"
     os.environ["CELERY_RESULT_BACKEND"] = os.environ["CELERY_BROKER_URL"]
     # Whatever falls back to the embedded default writes here, never into the checkout.
@@ -41,6 +51,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(config.stash.get(DEMO_DIR, ""), ignore_errors=True)
+    if TEST_DATABASE == "mariadb":
+        drop_database(MARIADB_DATABASE)
     redis_db = config.stash.get(REDIS_DB, None)
     if redis_db is None:
         return
@@ -61,3 +73,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.browser)
         elif "acceptance" in parts:
             item.add_marker(pytest.mark.acceptance)
+        if TEST_DATABASE != "postgresql" and item.get_closest_marker("postgresql"):
+            item.add_marker(
+                pytest.mark.skip(
+                    reason=f"PostgreSQL's own feature; the app runs on {TEST_DATABASE}"
+                )
+            )

@@ -26,10 +26,13 @@ import pytest
 import redis
 from celery import Celery
 from flask import Flask
-from sqlalchemy import Engine, insert, make_url, text
+from sqlalchemy import Engine, create_engine, insert, make_url, text
 
-from outbox import OutboxStatus, outbox_table
-from tests.conftest import REDIS_DB, RUN_ID
+from outbox import OutboxStatus, create_tables, outbox_table
+from tests.conftest import PG_SERVER, REDIS_DB, RUN_ID, TEST_DATABASE
+from tests.mariadb import MARIADB_SERVER, MariaDBError
+from tests.mariadb import create_database as create_mariadb_database
+from tests.mariadb import drop_database as drop_mariadb_database
 from tests.rabbitmq import RabbitMQError, create_vhost, delete_vhost
 
 #: The checkout: processes the tests start run in it, as a user runs the commands.
@@ -123,6 +126,9 @@ def app_on(broker_url: str, name: str = "outbox-test", **settings: Any) -> Celer
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """Create this run's database; drop it (and any connection left) at the end."""
+    if TEST_DATABASE == "mariadb":  # made and dropped by tests.conftest
+        yield os.environ["DATABASE_URL"]
+        return
     url = make_url(os.environ["DATABASE_URL"])
     admin = url.set(drivername="postgresql", database="postgres").render_as_string(False)
     try:
@@ -134,6 +140,64 @@ def database_url() -> Iterator[str]:
     yield os.environ["DATABASE_URL"]
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
+
+
+#: The databases the store tests run on (``store_engine``).
+DATABASES = ["postgresql", "mariadb", "sqlite"]
+
+
+@pytest.fixture(scope="session")
+def postgres_engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """A PostgreSQL database with the outbox's tables: the app's, or one of its own when
+    the app runs on another database."""
+    if TEST_DATABASE == "postgresql":
+        yield request.getfixturevalue("engine")
+        return
+    name = f"outbox_store_{RUN_ID}"
+    admin = f"{PG_SERVER.replace('+psycopg', '')}/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    engine = create_engine(f"{PG_SERVER}/{name}")
+    create_tables(engine)
+    yield engine
+    engine.dispose()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def mariadb_engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """A MariaDB database with the outbox's tables: the app's, or one of its own (and a
+    user of its own) when the app runs on another database."""
+    if TEST_DATABASE == "mariadb":
+        yield request.getfixturevalue("engine")
+        return
+    name = f"outbox_store_{RUN_ID}"
+    try:
+        url = create_mariadb_database(name)
+    except MariaDBError as e:
+        pytest.fail(f"MariaDB on {MARIADB_SERVER} is not usable: {e}")
+    engine = create_engine(url, isolation_level="READ COMMITTED", pool_pre_ping=True)
+    create_tables(engine)
+    yield engine
+    engine.dispose()
+    drop_mariadb_database(name)
+
+
+@pytest.fixture(params=DATABASES)
+def store_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """The outbox's tables, empty, on each database the outbox supports in turn."""
+    if request.param == "sqlite":
+        engine = create_engine(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+        create_tables(engine)
+        yield engine
+        engine.dispose()
+        return
+    engine = request.getfixturevalue(
+        f"{'postgres' if request.param == 'postgresql' else 'mariadb'}_engine"
+    )
+    empty(engine, OUTBOX_TABLES)
+    yield engine
 
 
 @pytest.fixture(scope="session")
@@ -256,14 +320,38 @@ def worker_log(worker: str, pytestconfig: pytest.Config) -> Path:
 @pytest.fixture
 def empty_tables(engine: Engine) -> None:
     """Each test starts with empty tables; ids keep growing so late tasks cannot collide."""
+    empty(engine, [*OUTBOX_TABLES, "notifications", "stock_reservations", "shipments", "orders"])
+
+
+OUTBOX_TABLES = [
+    "celery_outbox",
+    "celery_outbox_processed",
+    "celery_outbox_relays",
+    "celery_outbox_brokers",
+    "celery_outbox_keys",
+]
+
+
+def lock_waiters(engine: Engine) -> int:
+    """How many of the database's transactions wait on a lock now (this run's database on
+    PostgreSQL; this run's user on MariaDB, which shows only its own)."""
+    query = {
+        "postgresql": "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        "mysql": "SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'",
+    }[engine.dialect.name]
+    with engine.connect() as conn:
+        return int(conn.execute(text(query)).scalar_one())
+
+
+def empty(engine: Engine, tables: list[str]) -> None:
+    """Delete every row of ``tables`` (referencing tables first); ids keep growing."""
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "TRUNCATE celery_outbox, celery_outbox_processed, celery_outbox_relays, "
-                "celery_outbox_brokers, celery_outbox_keys, notifications, stock_reservations, "
-                "shipments, orders"
-            )
-        )
+        if engine.dialect.name == "postgresql":
+            conn.execute(text(f"TRUNCATE {', '.join(tables)}"))
+            return
+        for table in tables:
+            conn.execute(text(f"DELETE FROM {table}"))
 
 
 def insert_pending_row(

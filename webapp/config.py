@@ -23,11 +23,20 @@ def var_dir() -> Path:
 
 def database_url() -> str:
     url = os.environ.get("DATABASE_URL") or f"sqlite:///{var_dir() / 'orders.sqlite3'}"
-    # Hosting platforms hand out postgres:// URLs; SQLAlchemy needs the driver named.
-    for prefix in ("postgres://", "postgresql://"):
+    # Hosting platforms hand out postgres:// and mysql:// URLs; SQLAlchemy needs the
+    # driver named (its default MySQL driver is mysqlclient, not the mysql extra's).
+    for prefix, driver in _DRIVERS.items():
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url.removeprefix(prefix)
+            return driver + url.removeprefix(prefix)
     return url
+
+
+_DRIVERS = {
+    "postgres://": "postgresql+psycopg://",
+    "postgresql://": "postgresql+psycopg://",
+    "mysql://": "mysql+pymysql://",
+    "mariadb://": "mariadb+pymysql://",
+}
 
 
 def broker_url() -> str:
@@ -141,6 +150,10 @@ def flask_config() -> dict[str, Any]:
 
 def engine_options(database_uri: str) -> dict[str, Any]:
     """Engine options for the final database URI (after any test overrides)."""
+    if database_uri.startswith(("mysql", "mariadb")):
+        # InnoDB's default REPEATABLE READ locks the gaps between index entries: the
+        # outbox's inserts and the relay's claim would block and deadlock each other.
+        return {"pool_pre_ping": True, "isolation_level": "READ COMMITTED"}
     if not database_uri.startswith("sqlite"):
         # Test each pooled connection before handing it out: after a database restart
         # every pooled connection is dead, and without the check each would fail the

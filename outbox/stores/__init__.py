@@ -11,18 +11,52 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
 from typing import Any, ClassVar
 
-from sqlalchemy import ColumnElement, Table, Update, bindparam, case
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    Table,
+    Update,
+    Uuid,
+    bindparam,
+    case,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session, scoped_session
+from sqlalchemy.sql import Select
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.types import TypeEngine
 
 from outbox.errors import UnsupportedDatabaseError
 
 #: What a statement can run in, inside the caller's transaction: a Core connection or an
 #: ORM session.
 Executor = Connection | Session | scoped_session[Session]
+
+
+@dataclass(frozen=True, eq=False)
+class RowUpdate:
+    """An UPDATE of at most one row of ``table``: the first by ``order_by`` of the rows
+    ``where`` matches. :meth:`Store.update_one` runs it and returns the row's
+    ``returning`` column, which the update must leave unchanged (so that reading it
+    before the update, where the database has no RETURNING, gives the same value).
+    Declared once at module level: each store builds its statements at first use."""
+
+    table: Table
+    where: ColumnElement[bool]
+    values: Mapping[str, Any]
+    returning: ColumnElement[Any]
+    order_by: ColumnElement[Any] | None = None
+
+    def __post_init__(self) -> None:
+        if getattr(self.returning, "key", None) in self.values:
+            raise ValueError(f"{self.returning} is changed by the update: it cannot be returned")
 
 
 class Store(ABC):
@@ -33,12 +67,34 @@ class Store(ABC):
     #: The channel committed enqueues notify on (LISTEN/NOTIFY), or ``None`` where the
     #: database cannot wake a listener and the relay polls.
     notify_channel: ClassVar[str | None] = None
+    #: Where it cannot, how often a waiting relay loop asks whether a row is due (an
+    #: index-only read), or ``None`` to wait for the poll interval.
+    due_check_interval: ClassVar[float | None] = None
+    #: Whether timestamps are stored without a time zone (as UTC): the database has no
+    #: column type that keeps one.
+    naive_timestamps: ClassVar[bool] = False
+    #: The column types of the outbox's timestamps and task ids here.
+    timestamp_type: ClassVar[TypeEngine[Any]] = DateTime(timezone=True)
+    uuid_type: ClassVar[TypeEngine[Any]] = Uuid()
     #: The statements :meth:`next_in_line` runs, by table, built at first use.
     _next_in_line_statements: ClassVar[dict[str, Insert]]
+    #: The statements :meth:`update_one` runs, by update, built at first use.
+    _row_updates: ClassVar[dict[RowUpdate, Update]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._next_in_line_statements = {}
+        cls._row_updates = {}
+
+    def check_server(self, conn: Connection) -> None:
+        """Refuse, with :class:`~outbox.errors.UnsupportedDatabaseError`, a server too old
+        for the statements this store writes."""
+        return
+
+    def outbox_engine(self, engine: Engine) -> Engine:
+        """``engine`` as the relays and maintenance use it (an isolation level of their
+        own, where the database's default does not suit row locks)."""
+        return engine
 
     def relay_connection(self, engine: Engine) -> Connection:
         """A connection for one relay batch: its claim's row locks must last the batch."""
@@ -108,6 +164,16 @@ class Store(ABC):
 
     def _next_in_line_statement(self, table: Table) -> Insert:
         c = table.c
+        return self._next_in_line_upsert(table).returning(c.last_seq, c.head_seq)
+
+    def _next_in_line_upsert(self, table: Table) -> Insert:
+        """The upsert that increments ``table``'s row of a key (``new_key``, at ``at``).
+
+        The assignments are listed so that each reads only columns assigned after it:
+        where they run left to right, each seeing the ones before it (MySQL), they give
+        what they give where every one reads the old row (PostgreSQL, SQLite).
+        """
+        c = table.c
         idle = c.head_seq.is_(None)
         now = bindparam("at", type_=c.updated_at.type)
         return self.upsert(
@@ -121,12 +187,26 @@ class Store(ABC):
             },
             ["key"],
             set_={
-                "last_seq": c.last_seq + 1,
-                "head_seq": case((idle, c.last_seq + 1), else_=c.head_seq),
                 "head_since": case((idle, now), else_=c.head_since),
+                "head_seq": case((idle, c.last_seq + 1), else_=c.head_seq),
+                "last_seq": c.last_seq + 1,
                 "updated_at": now,
             },
-        ).returning(c.last_seq, c.head_seq)
+        )
+
+    def update_one(self, conn: Executor, change: RowUpdate, params: Mapping[str, Any]) -> Any:
+        """Run ``change`` in ``conn``'s transaction; return its ``returning`` column, or
+        ``None`` when no row matched. One statement (UPDATE … RETURNING), built once."""
+        statement = self._row_updates.get(change)
+        if statement is None:
+            statement = self._row_updates[change] = _returning_update(change)
+        return conn.execute(statement, dict(params)).scalar_one_or_none()
+
+    def among(self, key: ColumnElement[Any], rows: Select[Any]) -> ColumnElement[bool]:
+        """SQL for an UPDATE or DELETE of the table ``rows`` reads: its ``key`` is one of
+        those ``rows`` selects (``DELETE FROM t WHERE id IN (SELECT id FROM t … LIMIT n)``).
+        """
+        return key.in_(rows)
 
     @abstractmethod
     def wake_relays(self, conn: Executor) -> None:
@@ -136,6 +216,24 @@ class Store(ABC):
     def relaxed_durability(self, statement: Update) -> Update:
         """``statement`` for bookkeeping whose loss in a database crash is acceptable."""
         return statement
+
+
+def _returning_update(change: RowUpdate) -> Update:
+    where = change.where
+    if change.order_by is not None:
+        [pk] = change.table.primary_key.columns
+        first = select(pk).where(where).order_by(change.order_by).limit(1)
+        where = pk == first.scalar_subquery()
+    return update(change.table).where(where).values(dict(change.values)).returning(change.returning)
+
+
+def key_span_rows(conn: Connection, table: Table) -> int:
+    """The span of ``table``'s integer primary key: two lookups at the ends of its
+    B-tree, current at once. Ids rolled back or deleted in the middle make it an
+    overestimate."""
+    [key] = table.primary_key.columns
+    span = conn.execute(select(func.max(key) - func.min(key) + 1)).scalar_one()
+    return int(span or 0)
 
 
 def store_for(bind: Engine | Dialect | Executor) -> Store:
@@ -154,15 +252,44 @@ def store_named(database: str) -> Store:
         from outbox.stores.postgresql import PostgresStore
 
         return PostgresStore()
+    store = known_store(database)
+    if store is None:
+        raise UnsupportedDatabaseError(
+            f"celery-outbox does not support the {database!r} database: its claim, "
+            "confirmation and search statements are written for PostgreSQL, MariaDB/MySQL "
+            "and SQLite. Keep the outbox's tables in one of those."
+        )
+    return store
+
+
+@cache
+def known_store(database: str) -> Store | None:
+    """The store for ``database``, or ``None`` for a database the outbox does not
+    support (so that column types can fall back to SQLAlchemy's generic ones, e.g.
+    when a schema is compiled for another database)."""
+    if database == "postgresql":
+        from outbox.stores.postgresql import PostgresStore
+
+        return PostgresStore()
     if database == "sqlite":
         from outbox.stores.sqlite import SqliteStore
 
         return SqliteStore()
-    raise UnsupportedDatabaseError(
-        f"celery-outbox does not support the {database!r} database: its claim, "
-        "confirmation and search statements are written for PostgreSQL and SQLite. "
-        "Keep the outbox's tables in one of those."
-    )
+    if database == "mariadb":  # SQLAlchemy's name for a mariadb:// URL: the same store
+        return known_store("mysql")
+    if database == "mysql":
+        from outbox.stores.mysql import MySQLStore
+
+        return MySQLStore()
+    return None
 
 
-__all__ = ["Executor", "Store", "store_for", "store_named"]
+__all__ = [
+    "Executor",
+    "RowUpdate",
+    "Store",
+    "key_span_rows",
+    "known_store",
+    "store_for",
+    "store_named",
+]

@@ -6,12 +6,12 @@ import json
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy import ColumnElement, Table, and_, exists, false, func, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, exists, false, func, or_, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
 from outbox.schema import OutboxStatus, outbox_table
-from outbox.stores import Executor, Store
+from outbox.stores import Executor, Store, key_span_rows
 
 #: SQLite reads JSON integers outside 64 bits as reals.
 _INT64 = range(-(2**63), 2**63)
@@ -19,6 +19,8 @@ _INT64 = range(-(2**63), 2**63)
 
 class SqliteStore(Store):
     name: ClassVar[str] = "sqlite"
+    # SQLite has no time zone type and hands back naive values.
+    naive_timestamps: ClassVar[bool] = True
 
     def lock_for_claim(self, conn: Connection) -> None:
         # SQLite has no row locks: take the database write lock before reading so two
@@ -56,11 +58,7 @@ class SqliteStore(Store):
         return
 
     def estimated_rows(self, conn: Connection, table: Table) -> int:
-        # The span of the integer primary key: two lookups at the ends of its B-tree.
-        # Ids rolled back or deleted in the middle make it an overestimate.
-        [key] = table.primary_key.columns
-        span = conn.execute(select(func.max(key) - func.min(key) + 1)).scalar_one()
-        return int(span or 0)
+        return key_span_rows(conn, table)
 
     def insert(self, table: Table) -> Any:
         return sqlite_insert(table)

@@ -14,6 +14,7 @@ import re
 import time
 from pathlib import Path
 
+import pytest
 import redis
 from celery import Celery
 from sqlalchemy import Engine, text
@@ -42,6 +43,7 @@ RECEIVED = re.compile(r"Task orders\.reserve_stock\[[0-9a-f-]+\] received")
 BACKOFF = re.compile(r"relay drain failed, retrying in ([0-9.]+)s")
 
 
+@pytest.mark.postgresql
 def test_relay_survives_its_database_connections_being_terminated(
     engine: Engine,
     celery_app: Celery,

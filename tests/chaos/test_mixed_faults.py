@@ -200,6 +200,7 @@ def broker(tmp_path: Path) -> Iterator[RedisServer]:
 
 # Traffic with faults (about a minute), then up to DRAIN_WITHIN to drain.
 @pytest.mark.timeout(360)
+@pytest.mark.postgresql
 def test_every_fault_at_once_loses_doubles_and_invents_nothing(
     app: Flask,
     engine: Engine,

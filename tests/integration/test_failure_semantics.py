@@ -69,6 +69,7 @@ def order_locked(engine: Engine) -> Iterator[tuple[int, Session]]:
         session.rollback()
 
 
+@pytest.mark.postgresql
 def test_a_task_the_database_failed_under_is_retried_and_applied(
     engine: Engine,
     celery_app: Celery,

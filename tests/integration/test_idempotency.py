@@ -6,6 +6,7 @@ import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import redis
 from celery import Celery
 from sqlalchemy import Engine, func, select, text, update
@@ -61,6 +62,7 @@ def test_a_republished_task_is_applied_once(
     assert 1 == reservations(engine, order_id)
 
 
+@pytest.mark.postgresql
 def test_a_duplicate_waits_for_the_running_delivery_then_skips(
     engine: Engine, celery_app: Celery
 ) -> None:
@@ -100,6 +102,7 @@ def lock_waiters(engine: Engine) -> int:
         return int(conn.execute(query).scalar_one())
 
 
+@pytest.mark.postgresql
 def test_redelivery_matches_processed_ids_on_postgres(
     engine: Engine, celery_app: Celery, worker: str, redis_client: redis.Redis
 ) -> None:

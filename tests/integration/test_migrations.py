@@ -16,6 +16,8 @@ from sqlalchemy import Engine, create_engine, make_url, text
 
 import outbox
 from outbox.migrations import VERSIONS_DIR
+from tests.mariadb import create_database as create_mariadb_database
+from tests.mariadb import drop_database as drop_mariadb_database
 
 ENV_PY = """
 from alembic import context
@@ -77,6 +79,7 @@ def describe(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
         }
 
 
+@pytest.mark.postgresql
 def test_migrations_equal_the_models_on_postgres(
     engine: Engine, scratch_database: Engine, tmp_path: Path
 ) -> None:
@@ -106,3 +109,49 @@ def test_migrations_equal_the_models_on_sqlite(tmp_path: Path) -> None:
         assert "WHERE status = 'pending'" in indexes["ix_celery_outbox_pending_due"]
     finally:
         engine.dispose()
+
+
+MARIADB_SCHEMA_QUERIES = {
+    "columns": """SELECT table_name, column_name, column_type, is_nullable, column_default
+                  FROM information_schema.columns
+                  WHERE table_schema = DATABASE() AND table_name LIKE 'celery_outbox%'
+                  ORDER BY 1, 2""",
+    "indexes": """SELECT table_name, index_name, non_unique, seq_in_index, column_name
+                  FROM information_schema.statistics
+                  WHERE table_schema = DATABASE() AND table_name LIKE 'celery_outbox%'
+                  ORDER BY 1, 2, 4""",
+    "checks": """SELECT table_name, constraint_name, check_clause
+                 FROM information_schema.check_constraints
+                 WHERE constraint_schema = DATABASE() AND table_name LIKE 'celery_outbox%'
+                 ORDER BY 1, 2""",
+}
+
+
+def describe_mariadb(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
+    with engine.connect() as conn:
+        return {
+            name: [tuple(row) for row in conn.execute(text(query))]
+            for name, query in MARIADB_SCHEMA_QUERIES.items()
+        }
+
+
+def test_migrations_equal_the_models_on_mariadb(mariadb_engine: Engine, tmp_path: Path) -> None:
+    """Column types (DATETIME(6), CHAR(32) ids), the status-led indexes and JSON checks
+    match the tables the models create, and autogenerate finds nothing to change."""
+    name = f"{mariadb_engine.url.database}_migrations"
+    url = create_mariadb_database(name)
+    engine = create_engine(url)
+    try:
+        migrate(engine, tmp_path)
+        assert describe_mariadb(mariadb_engine) == describe_mariadb(engine)
+        with engine.connect() as conn:
+            assert [] == compare_metadata(MigrationContext.configure(conn), outbox.metadata)
+        columns = {
+            (table, column): column_type
+            for table, column, column_type, *_ in describe_mariadb(engine)["columns"]
+        }
+        assert "datetime(6)" == columns[("celery_outbox", "available_at")]
+        assert "char(32)" == columns[("celery_outbox", "task_id")]
+    finally:
+        engine.dispose()
+        drop_mariadb_database(name)

@@ -77,6 +77,7 @@ def second_writer_waits_then(engine: Engine, celery_app: Celery, first_ends: str
     return order_id
 
 
+@pytest.mark.postgresql
 def test_writers_to_one_key_wait_for_each_other_and_run_in_commit_order(
     engine: Engine, celery_app: Celery, loop: RelayLoop
 ) -> None:
@@ -86,6 +87,7 @@ def test_writers_to_one_key_wait_for_each_other_and_run_in_commit_order(
     wait_for(lambda: events(engine, order_id) == ["confirmed", "shipped"])
 
 
+@pytest.mark.postgresql
 def test_a_rolled_back_writer_lets_the_waiting_one_take_its_place(
     engine: Engine, celery_app: Celery, loop: RelayLoop
 ) -> None:

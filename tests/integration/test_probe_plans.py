@@ -14,7 +14,6 @@ it changes), where a scan reads tens of thousands.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from flask import Flask
-from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import Connection, Engine, text
 
 from outbox import OutboxSettings, Relay, collect_stats
 from outbox.ordering import Place, finish
@@ -30,6 +29,10 @@ from outbox.retention import purge_outbox
 from outbox.schema import keys_table
 from outbox.search import latest_dead
 from outbox.stores import store_for
+from tests.plans import sent_by
+
+#: PostgreSQL's plans (EXPLAIN ANALYZE BUFFERS); MariaDB's are in test_mariadb_plans.
+pytestmark = pytest.mark.postgresql
 
 DISPATCHED = 1_000_000
 #: The worst a probe may read: a few index pages and the heap pages of the rows it returns.
@@ -95,7 +98,6 @@ FROM generate_series(1, :idle) AS k
 """
 #: The tables a probe may not scan.
 OUTBOX_TABLES = ("celery_outbox", "celery_outbox_keys")
-_OUTBOX_TABLE = re.compile(r"\bcelery_outbox(_keys)?\b")
 
 
 @pytest.fixture(scope="module")
@@ -118,23 +120,6 @@ def million(engine: Engine) -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _each_test_starts_empty(million: None) -> None:
     """Overrides the folder's emptying: every test here reads the same million rows."""
-
-
-def sent_by(engine: Engine, probe: Callable[[], object]) -> list[tuple[str, Any]]:
-    """The statements ``probe`` sends that read or change the outbox or keys table."""
-    captured: list[tuple[str, Any]] = []
-
-    def record(*args: Any) -> None:
-        statement, parameters = args[2], args[3]
-        if _OUTBOX_TABLE.search(statement):
-            captured.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        probe()
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-    return captured
 
 
 def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:

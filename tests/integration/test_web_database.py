@@ -34,6 +34,7 @@ def web_app(database_url: str) -> Iterator[Flask]:
         db.engine.dispose()
 
 
+@pytest.mark.postgresql
 def test_requests_after_the_database_dropped_every_connection_succeed(
     web_app: Flask, engine: Engine
 ) -> None:

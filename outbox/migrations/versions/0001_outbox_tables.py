@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import mysql, postgresql
 
 revision = "outbox_0001"
 down_revision = None
 branch_labels = ("outbox",)
 depends_on = None
+
+# UTC timestamps with microseconds, and 32 hex characters for a task id, on MariaDB and
+# MySQL (whatever the URL's scheme would pick); SQLAlchemy's defaults elsewhere.
+TIMESTAMP = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+TASK_ID = sa.Uuid().with_variant(sa.Uuid(native_uuid=False), "mysql", "mariadb")
 
 JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 BIGINT_PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -33,7 +38,7 @@ def upgrade() -> None:
     op.create_table(
         "celery_outbox",
         sa.Column("id", BIGINT_PK, autoincrement=True, nullable=False),
-        sa.Column("task_id", sa.Uuid(), nullable=False),
+        sa.Column("task_id", TASK_ID, nullable=False),
         sa.Column("task_name", sa.String(255), nullable=False),
         sa.Column("args", JSON, nullable=False),
         sa.Column("kwargs", JSON, nullable=False),
@@ -41,10 +46,10 @@ def upgrade() -> None:
         sa.Column("status", STATUS, nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("available_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("dispatched_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("confirm_deadline", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("created_at", TIMESTAMP, nullable=False),
+        sa.Column("available_at", TIMESTAMP, nullable=False),
+        sa.Column("dispatched_at", TIMESTAMP, nullable=True),
+        sa.Column("confirm_deadline", TIMESTAMP, nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_celery_outbox"),
         sa.UniqueConstraint("task_id", name="uq_celery_outbox_task_id"),
     )
@@ -73,7 +78,7 @@ def upgrade() -> None:
         "celery_outbox_processed",
         sa.Column("task_id", sa.String(255), nullable=False),
         sa.Column("task_name", sa.String(255), nullable=False),
-        sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("processed_at", TIMESTAMP, nullable=False),
         sa.PrimaryKeyConstraint("task_id", name="pk_celery_outbox_processed"),
     )
     op.create_index(

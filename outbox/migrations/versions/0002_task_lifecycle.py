@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import mysql
 
 revision = "outbox_0002"
 down_revision = "outbox_0001"
 branch_labels = None
 depends_on = None
+
+# UTC timestamps with microseconds, and 32 hex characters for a task id, on MariaDB and
+# MySQL (whatever the URL's scheme would pick); SQLAlchemy's defaults elsewhere.
+TIMESTAMP = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
 def upgrade() -> None:
@@ -21,8 +26,8 @@ def upgrade() -> None:
     # rewriting the table, so this is quick on a large outbox.
     with op.batch_alter_table("celery_outbox") as batch:
         batch.add_column(sa.Column("task_state", sa.String(16), nullable=True))
-        batch.add_column(sa.Column("task_started_at", sa.DateTime(timezone=True), nullable=True))
-        batch.add_column(sa.Column("task_finished_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("task_started_at", TIMESTAMP, nullable=True))
+        batch.add_column(sa.Column("task_finished_at", TIMESTAMP, nullable=True))
         batch.add_column(sa.Column("task_error", sa.Text(), nullable=True))
         batch.add_column(
             sa.Column("task_runs", sa.Integer(), nullable=False, server_default=sa.text("0"))

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import mysql
 
 revision = "outbox_0003"
 down_revision = "outbox_0002"
 branch_labels = None
 depends_on = None
+
+# UTC timestamps with microseconds, and 32 hex characters for a task id, on MariaDB and
+# MySQL (whatever the URL's scheme would pick); SQLAlchemy's defaults elsewhere.
+TIMESTAMP = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
 def upgrade() -> None:
@@ -26,7 +31,7 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("deliveries", sa.Integer(), nullable=False, server_default=sa.text("0"))
         )
-        batch.add_column(sa.Column("task_retry_eta", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("task_retry_eta", TIMESTAMP, nullable=True))
     op.execute(
         "UPDATE celery_outbox SET deliveries = 1, "
         "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
@@ -43,7 +48,7 @@ def upgrade() -> None:
         "celery_outbox_relays",
         sa.Column("name", sa.String(255), nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
-        sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_seen_at", TIMESTAMP, nullable=False),
         sa.PrimaryKeyConstraint("name", name="pk_celery_outbox_relays"),
     )
     op.create_table(
@@ -51,7 +56,7 @@ def upgrade() -> None:
         sa.Column("broker", sa.String(255), nullable=False),
         sa.Column("data_marker", sa.String(64), nullable=False),
         sa.Column("run_id", sa.String(64), nullable=True),
-        sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("checked_at", TIMESTAMP, nullable=False),
         sa.PrimaryKeyConstraint("broker", name="pk_celery_outbox_brokers"),
     )
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import mysql
 
 revision = "outbox_0004"
 down_revision = "outbox_0003"
 branch_labels = None
 depends_on = None
+
+# UTC timestamps with microseconds, and 32 hex characters for a task id, on MariaDB and
+# MySQL (whatever the URL's scheme would pick); SQLAlchemy's defaults elsewhere.
+TIMESTAMP = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
 def upgrade() -> None:
@@ -39,10 +44,10 @@ def upgrade() -> None:
         sa.Column("key", sa.String(255), nullable=False),
         sa.Column("last_seq", sa.BigInteger(), nullable=False),
         sa.Column("head_seq", sa.BigInteger(), nullable=True),
-        sa.Column("head_since", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("blocked_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("head_since", TIMESTAMP, nullable=True),
+        sa.Column("blocked_at", TIMESTAMP, nullable=True),
         sa.Column("blocked_reason", sa.Text(), nullable=True),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", TIMESTAMP, nullable=False),
         sa.PrimaryKeyConstraint("key", name="pk_celery_outbox_keys"),
     )
     op.create_index(
