@@ -34,7 +34,7 @@ statement that locks them all.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -242,17 +242,11 @@ class Confirmation:
         if self._absent_checked_at is not None and now - self._absent_checked_at < ABSENT_TWICE_GAP:
             return ConfirmationResult()  # too soon to tell a message in transit from a lost one
         self._absent_checked_at = now
-        with self.engine.connect() as conn:
-            rows = [
-                row
-                for row in self._watched(
-                    conn,
-                    _t.status == OutboxStatus.DISPATCHED,
-                    _t.confirm_deadline.is_not(None),
-                    _t.dispatched_at <= now - timedelta(seconds=LOST_AFTER),
-                )
-                if self._held_until_finished(row.task_name)
-            ]
+        rows = [
+            row
+            for row in self._unconfirmed(now - timedelta(seconds=LOST_AFTER))
+            if self._held_until_finished(row.task_name)
+        ]
         held = self._held(rows)
         if held is None:
             self._absent.clear()
@@ -278,6 +272,25 @@ class Confirmation:
         )
         return result
 
+    def queues_deleted(self, queues: Collection[str], now: datetime) -> ConfirmationResult:
+        """The broker no longer has ``queues`` (a relay found out publishing to them):
+        publish the unconfirmed tasks dispatched to them again, at once, since whatever
+        they held went with them."""
+        rows = [row for row in self._unconfirmed(now) if self._queue_of(row) in queues]
+        if not rows:
+            return ConfirmationResult()
+        names = ", ".join(sorted(queues))
+        result = self._give_another_delivery(rows, now, f"its queue was deleted ({names})")
+        logger.warning(
+            "queue(s) %s deleted from the broker: %d unconfirmed task(s) published again, "
+            "%d dead after %d deliveries",
+            names,
+            result.republished,
+            result.dead,
+            self.settings.max_deliveries,
+        )
+        return result
+
     def _held_until_finished(self, task_name: str) -> bool:
         """Whether the broker keeps this task's message until the task has finished."""
         task = self.celery_app.tasks.get(task_name)
@@ -287,11 +300,20 @@ class Confirmation:
         """Task ids the broker holds for ``rows``' queues; ``None`` when it cannot tell."""
         if not rows:
             return None
+        queues = {row.task_id: self._queue_of(row) for row in rows}
         try:
-            return self.probe.held_task_ids({self._queue_of(row) for row in rows})
+            held = self.probe.held_task_ids(set(queues.values()))
+            if held is not None:
+                return held
+            # A broker that cannot list its queues may still tell which are gone: the
+            # tasks of the others are held as far as anyone can tell.
+            missing = self.probe.missing_queues(set(queues.values()))
         except Exception as e:  # an unreachable broker tells nothing; wait for it
             logger.debug("cannot read what the broker holds: %s", e)
             return None
+        if not missing:
+            return None
+        return {task_id for task_id, queue in queues.items() if queue not in missing}
 
     def _queue_of(self, row: _Watched) -> str:
         """The queue the row's task was routed to, as Celery routes it."""
@@ -365,6 +387,16 @@ class Confirmation:
         return result
 
     # -- shared ---------------------------------------------------------------------
+
+    def _unconfirmed(self, dispatched_by: datetime) -> list[_Watched]:
+        """Dispatched rows awaiting their consumer's confirmation, dispatched by then."""
+        with self.engine.connect() as conn:
+            return self._watched(
+                conn,
+                _t.status == OutboxStatus.DISPATCHED,
+                _t.confirm_deadline.is_not(None),
+                _t.dispatched_at <= dispatched_by,
+            )
 
     def _watched(self, conn: Connection, *where: ColumnElement[bool]) -> list[_Watched]:
         query: Select[Any] = (

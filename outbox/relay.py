@@ -75,6 +75,9 @@ class BatchResult:
     dead: int = 0
     #: The broker could not be reached; unpublished rows stay pending, uncounted.
     broker_unavailable: bool = False
+    #: Queues found deleted from the broker: declared again by the next batch, which the
+    #: rows that found them out join, uncharged.
+    vanished_queues: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,12 +171,15 @@ class Relay:
             self._mark_dispatched(conn, outcome, now)
             dead = sum(self._record_failure(conn, row, error, now) for row, error in outcome.failed)
         self.committed_batches += 1
+        if outcome.vanished_queues:
+            self.confirmation.queues_deleted(outcome.vanished_queues, now)
         return BatchResult(
             claimed=len(rows),
             published=len(outcome.delivered),
             failed=len(outcome.failed),
             dead=dead,
             broker_unavailable=outcome.broker_error is not None,
+            vanished_queues=len(outcome.vanished_queues),
         )
 
     def drain(
@@ -201,7 +207,7 @@ class Relay:
             dead += result.dead
             if (
                 result.broker_unavailable
-                or result.claimed < self.settings.batch_size
+                or (result.claimed < self.settings.batch_size and not result.vanished_queues)
                 or time.monotonic() >= deadline
                 or (stop is not None and stop())
             ):

@@ -83,6 +83,12 @@ class BrokerProbe(ABC):
         them, or delivered from any queue and not yet acknowledged), read as one
         snapshot; ``None`` if it cannot tell (or holds too many to read cheaply)."""
 
+    def missing_queues(self, queues: Collection[str]) -> set[str] | None:
+        """Which of ``queues`` the broker no longer has (deleted: whatever they held is
+        gone), for a broker that cannot list what a queue holds; ``None`` if it cannot
+        tell."""
+        return None
+
 
 class OpaqueBrokerProbe(BrokerProbe):
     """A broker that can only say whether it answers (kombu's filesystem, memory, ...)."""

@@ -15,8 +15,9 @@ declarations, whether they are still there:
 Which tokens to look for comes from the outbox's own record (``celery_outbox_brokers``),
 passed in by the caller. Messages held for a consumer cannot be listed without taking
 them, so ``held_task_ids`` cannot tell: on RabbitMQ a message is never half-taken (a
-delivery is the broker's until acknowledged), and confirmation falls back to its
-time-outs for anything else.
+delivery is the broker's until acknowledged). What it can tell is that a queue is gone
+(``missing_queues``, a passive declaration): a queue deleted while it held unconfirmed
+tasks took them with it. Confirmation falls back to its time-outs for anything else.
 """
 
 from __future__ import annotations
@@ -47,6 +48,21 @@ class AmqpProbe(BrokerProbe):
 
     def held_task_ids(self, queues: Collection[str]) -> set[str] | None:
         return None
+
+    def missing_queues(self, queues: Collection[str]) -> set[str] | None:
+        # A passive declaration of each: NOT_FOUND closes the channel it ran on.
+        missing = set()
+        with self.celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+            for queue in queues:
+                channel: Any = conn.channel()
+                try:
+                    channel.queue_declare(queue, passive=True)
+                except NotFound:
+                    missing.add(queue)
+                else:
+                    channel.close()
+        return missing
 
     @staticmethod
     def _kept_or_planted(conn: Any, prefix: str, token: str | None, *, durable: bool) -> str:

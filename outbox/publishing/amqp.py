@@ -12,7 +12,11 @@ a channel in confirm mode (``confirm.select``), published ``mandatory``:
   persistent message to a durable queue once it is written to disk, and a message it
   could not route (``basic.return`` of a ``mandatory`` publish) once it has dropped it;
 - a returned message is the row's fault (its route leads to no queue) and is charged to
-  the row; a ``basic.nack`` is the broker refusing it (a full queue that rejects
+  the row, unless its queue had been declared on this connection before: then the queue
+  was deleted behind the relay's back. It is declared again with the next batch, which
+  the row joins uncharged, and the publisher reports the queue as vanished, so that the
+  unconfirmed tasks it held are published again (``outbox.confirmation``); a
+  ``basic.nack`` is the broker refusing it (a full queue that rejects
   publishes, an internal error): the row stays pending, uncharged, and the batch ends as
   a broker failure, as does a confirm time-out or a lost connection. A message the broker
   got whose ack was lost with the connection is published again later under the same
@@ -75,6 +79,9 @@ class _Confirms:
     returned: dict[str, str] = field(default_factory=dict)
     #: Every tag published in the batch, with its row.
     published: dict[int, ClaimedRow | None] = field(default_factory=dict)
+    #: Rows published without declaring their queue again (this connection had declared
+    #: it before), with the queue's name and the declarations skipped.
+    trusted: dict[int, tuple[str, list[Any]]] = field(default_factory=dict)
 
     def settle(self, tag: int, multiple: bool, into: list[int]) -> None:
         if not multiple:
@@ -232,7 +239,7 @@ class ConfirmingPublisher(Publisher):
         for row in rows:
             try:
                 message = self.messages.build(row)
-                self._declare(link, message)
+                self._declare(link, row, message)
             except RowFailedError as e:
                 outcome.fail(row, e)
                 continue
@@ -253,14 +260,18 @@ class ConfirmingPublisher(Publisher):
                         "task-sent", message.sent_event, _EventProducer(link), retry=False
                     )
 
-    def _declare(self, link: _Link, message: TaskMessage) -> None:
+    def _declare(self, link: _Link, row: ClaimedRow, message: TaskMessage) -> None:
         """Declare the message's queue and check its exchange, on the declaring channel;
         raise ``RowFailedError`` if either is refused."""
         exchange = message.publish["exchange"]
         name = exchange.name if isinstance(exchange, Exchange) else str(exchange or "")
         try:
+            entities = list(message.publish.get("declare") or ())
             declared = link.connection.declared_entities
-            for entity in undeclared(message.publish.get("declare"), declared) or ():
+            left = undeclared(entities, declared)
+            if entities and left is None and message.queue:
+                link.confirms.trusted[row.id] = (message.queue, entities)
+            for entity in left or ():
                 maybe_declare(entity, link.declaring)
             if name not in link.exchanges:
                 link.declaring.exchange_declare(name, "direct", passive=True)
@@ -297,10 +308,18 @@ class ConfirmingPublisher(Publisher):
             if row.id not in acked:
                 continue
             reason = confirms.returned.get(str(row.task_id))
-            if reason is not None:
-                outcome.fail(row, reason)
-            else:
+            if reason is None:
                 outcome.delivered.append((row, tasks[row.id]))
+            elif row.id in confirms.trusted:
+                # Its queue was declared on this connection before, and no longer routes:
+                # it was deleted. Declared again with the next batch, which the row joins
+                # uncharged; the messages it held are gone (``vanished_queues``).
+                queue, entities = confirms.trusted[row.id]
+                for entity in entities:
+                    link.connection.declared_entities.discard(hash(entity))
+                outcome.vanished_queues.add(queue)
+            else:
+                outcome.fail(row, reason)
 
 
 def _on_confirm_channel(message: TaskMessage) -> dict[str, Any]:

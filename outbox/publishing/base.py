@@ -55,6 +55,8 @@ class PublishOutcome:
     failed: list[tuple[ClaimedRow, str]] = field(default_factory=list)
     #: Why the broker failed, ending the batch; ``None`` if it did not.
     broker_error: BaseException | None = None
+    #: Queues found deleted from the broker while publishing: whatever they held is gone.
+    vanished_queues: set[str] = field(default_factory=set)
 
     def fail(self, row: ClaimedRow, reason: object) -> None:
         self.failed.append((row, str(reason)[:MAX_ERROR_LENGTH]))

@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,13 +22,15 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from outbox import OutboxSettings, OutboxStatus, Relay, TaskOutbox, outbox_table
+from outbox.confirmation import ABSENT_TWICE_GAP, LOST_AFTER
 from outbox.publishing.amqp import ConfirmingPublisher
-from tasks.orders import notify_customer
+from tasks.orders import notify_customer, reserve_stock
 from tests.chaos.redis_server import free_port
 from tests.rabbitmq import (
     clear_policy,
     close_connection,
     connections,
+    delete_queue,
     rabbitmqctl,
     set_queue_policy,
 )
@@ -231,3 +234,68 @@ def test_an_unreachable_broker_charges_nothing(engine: Engine, amqp_app: Celery)
         result = relay.run_once()
     assert (0, 0, True) == (result.published, result.failed, result.broker_unavailable)
     assert {(OutboxStatus.PENDING, 0)} == set(rows(engine, ids).values())
+
+
+class Clock:
+    """A clock the test moves: the confirmation checks' waits pass at once."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def deliveries(engine: Engine, ids: list[str]) -> dict[str, tuple[OutboxStatus, int, int]]:
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(_t.task_id, _t.status, _t.deliveries, _t.attempts).where(
+                _t.task_id.in_([uuid.UUID(i) for i in ids])
+            )
+        ).all()
+    return {str(row.task_id): (row.status, row.deliveries, row.attempts) for row in found}
+
+
+def test_a_queue_deleted_behind_the_relay_is_declared_again_and_its_tasks_sent_again(
+    engine: Engine, amqp_app: Celery, rabbitmq_vhost: str
+) -> None:
+    """The relay's connection had declared the queue, so it publishes without declaring
+    it again and the broker returns the message: the queue was deleted. The row is not
+    charged, the queue is declared with the next batch, and the unconfirmed tasks the
+    queue held are published again under their ids."""
+    queue = amqp_app.conf.task_default_queue
+    held = enqueue(engine, amqp_app, 2, task=reserve_stock.name)
+    with Relay(engine, amqp_app) as relay:
+        assert 2 == relay.run_once().published
+        delete_queue(rabbitmq_vhost, queue)
+        new = enqueue(engine, amqp_app, 1, task=reserve_stock.name)
+        result = relay.run_once()
+        assert (1, 0, 0) == (result.claimed, result.published, result.failed)
+        assert {(OutboxStatus.PENDING, 1, 0)} == {deliveries(engine, held)[i] for i in held}
+        assert 3 == relay.drain().published
+    assert {(OutboxStatus.DISPATCHED, 2, 0)} == {deliveries(engine, held)[i] for i in held}
+    assert (OutboxStatus.DISPATCHED, 1, 0) == deliveries(engine, new)[new[0]]
+    assert sorted(held + new) == sorted(drain_queue(amqp_app, queue))
+
+
+def test_a_deleted_queue_is_found_by_the_confirmation_checks(
+    engine: Engine, amqp_app: Celery, rabbitmq_vhost: str
+) -> None:
+    """Nothing is published to it after the deletion: the relays' checks find the queue
+    gone at two checks and publish its unconfirmed tasks again."""
+    queue = amqp_app.conf.task_default_queue
+    ids = enqueue(engine, amqp_app, 2, task=reserve_stock.name)
+    clock = Clock()
+    with Relay(engine, amqp_app, clock=clock) as relay:
+        assert 2 == relay.run_once().published
+        delete_queue(rabbitmq_vhost, queue)
+        clock.advance(LOST_AFTER + 1)
+        assert 0 == relay.confirmation.run_once().republished, "gone at one check only"
+        clock.advance(ABSENT_TWICE_GAP.total_seconds() + 1)
+        assert 2 == relay.confirmation.run_once().republished
+        assert 2 == relay.drain().published
+    assert {(OutboxStatus.DISPATCHED, 2, 0)} == set(deliveries(engine, ids).values())
+    assert sorted(ids) == sorted(drain_queue(amqp_app, queue))
