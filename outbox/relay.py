@@ -21,12 +21,12 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Select, case, select, update
+from sqlalchemy import Select, Text, bindparam, case, cast, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.brokers import BrokerProbe, probe_for
@@ -44,17 +44,35 @@ from outbox.stores import store_for
 logger = logging.getLogger(__name__)
 
 _t = outbox_table.c
-_CLAIM_COLUMNS = (
-    _t.id,
-    _t.task_id,
-    _t.task_name,
-    _t.args,
-    _t.kwargs,
-    _t.options,
-    _t.attempts,
-    _t.available_at,
-    _t.ordering_key,
-    _t.ordering_seq,
+#: What the claim reads: the fields of ``ClaimedRow``, in their order, so each row builds
+#: one positionally. The JSON columns are read as text: the publisher parses them once,
+#: where the driver would parse them for nothing first.
+_JSON_FIELDS = {"args", "kwargs", "options"}
+_CLAIM_COLUMNS = tuple(
+    cast(_t[field.name], Text).label(field.name) if field.name in _JSON_FIELDS else _t[field.name]
+    for field in fields(ClaimedRow)
+)
+
+_now = bindparam("now", type_=_t.available_at.type)
+#: Whether a row is due: the first entry of the pending rows' index.
+_DUE = select(_t.id).where(_t.status == OutboxStatus.PENDING, _t.available_at <= _now).limit(1)
+#: A batch's delivered rows marked dispatched. Only tasks whose consumer records what it
+#: processed (``watched``) get a deadline for its confirmation.
+_MARK = (
+    update(outbox_table)
+    .where(_t.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        status=OutboxStatus.DISPATCHED,
+        dispatched_at=_now,
+        deliveries=_t.deliveries + 1,
+        confirm_deadline=case(
+            (
+                _t.id.in_(bindparam("watched", expanding=True)),
+                bindparam("deadline", type_=_t.confirm_deadline.type),
+            ),
+            else_=None,
+        ),
+    )
 )
 
 #: Longest wait between two maintenance passes (heartbeat, confirmation) of a draining
@@ -140,6 +158,14 @@ class Relay:
         self.committed_batches = 0
         self._next_maintenance: datetime | None = None
         self._server_checked = False
+        self._claim_statement = (
+            select(*_CLAIM_COLUMNS)
+            .where(_t.status == OutboxStatus.PENDING, _t.available_at <= _now)
+            # The same order as the pending rows' index: the scan stops after a batch.
+            .order_by(_t.available_at, _t.id)
+            .limit(self.settings.batch_size)
+            .with_for_update(skip_locked=True, of=outbox_table)
+        )
 
     def now(self) -> datetime:
         """The relay's clock (a test may have given it its own)."""
@@ -238,28 +264,18 @@ class Relay:
 
     def _claim(self, conn: Connection) -> list[ClaimedRow]:
         self.store.lock_for_claim(conn)
-        return [ClaimedRow(**row._mapping) for row in conn.execute(self.claim_query())]
+        rows = conn.execute(self._claim_statement, {"now": self._clock()})
+        return [ClaimedRow(*row) for row in rows]
 
     def has_due_rows(self, conn: Connection) -> bool:
         """Whether a row is due: the first entry of the pending rows' index, read without
         a lock (what a relay loop asks where the database cannot notify it)."""
-        due = (
-            select(_t.id)
-            .where(_t.status == OutboxStatus.PENDING, _t.available_at <= self._clock())
-            .limit(1)
-        )
-        return conn.execute(due).first() is not None
+        return conn.execute(_DUE, {"now": self._clock()}).first() is not None
 
     def claim_query(self) -> Select[Any]:
-        """The statement that claims one batch (public so its plan can be checked)."""
-        return (
-            select(*_CLAIM_COLUMNS)
-            .where(_t.status == OutboxStatus.PENDING, _t.available_at <= self._clock())
-            # The same order as the partial index, so the scan stops after batch_size rows.
-            .order_by(_t.available_at, _t.id)
-            .limit(self.settings.batch_size)
-            .with_for_update(skip_locked=True, of=outbox_table)
-        )
+        """The statement that claims one batch, due now (public so its plan can be
+        checked; a batch runs the same statement, built once)."""
+        return self._claim_statement.params(now=self._clock())
 
     def _mark_dispatched(self, conn: Connection, outcome: PublishOutcome, now: datetime) -> None:
         if not outcome.delivered:
@@ -272,19 +288,14 @@ class Relay:
                 watched.append(row.id)
             if self._after_publish is not None:
                 self._after_publish()
-        deadline = now + timedelta(seconds=self.settings.confirm_timeout)
         conn.execute(
-            update(outbox_table)
-            .where(_t.id.in_([row.id for row, _ in outcome.delivered]))
-            .values(
-                status=OutboxStatus.DISPATCHED,
-                dispatched_at=now,
-                deliveries=_t.deliveries + 1,
-                # Only tasks whose consumer records what it processed can be confirmed.
-                confirm_deadline=case((_t.id.in_(watched), deadline), else_=None)
-                if watched
-                else None,
-            )
+            _MARK,
+            {
+                "ids": [row.id for row, _ in outcome.delivered],
+                "watched": watched,
+                "now": now,
+                "deadline": now + timedelta(seconds=self.settings.confirm_timeout),
+            },
         )
 
     def _note_broker(self, error: BaseException | None) -> None:

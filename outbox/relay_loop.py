@@ -250,8 +250,9 @@ class _NotifyListener(_ConnectedListener):
                 return super().wait(remaining)
             try:
                 if any(True for _ in conn.notifies(timeout=step, stop_after=1)):
-                    # Swallow the burst that arrived together; one drain serves them all.
-                    for _ in conn.notifies(timeout=0.001):
+                    # Swallow the ones already here: one drain serves them all. A timeout
+                    # of 0 reads what has arrived without waiting for more.
+                    for _ in conn.notifies(timeout=0):
                         pass
                     return "notified"
             except Exception as e:  # the listening connection broke: poll until it is back

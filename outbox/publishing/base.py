@@ -36,9 +36,10 @@ class ClaimedRow:
     id: int
     task_id: uuid.UUID
     task_name: str
-    args: Any
-    kwargs: Any
-    options: Any
+    #: The stored JSON of the task's arguments and options, as text.
+    args: str
+    kwargs: str
+    options: str
     attempts: int
     available_at: datetime
     ordering_key: str | None = None

@@ -31,7 +31,7 @@ from kombu.common import Broadcast
 
 from outbox.lifecycle import ROW_ID_HEADER
 from outbox.ordering import KEY_HEADER, SEQ_HEADER
-from outbox.serialization import from_wire
+from outbox.serialization import decode_wire
 
 if TYPE_CHECKING:
     from outbox.publishing.base import ClaimedRow
@@ -116,9 +116,9 @@ class MessageBuilder:
             raise RowFailedError(f"{type(e).__name__}: {e}") from e
 
     def _build(self, row: ClaimedRow, task: Task[Any, Any]) -> TaskMessage:
-        args = from_wire(row.args)
-        kwargs = from_wire(row.kwargs)
-        options: dict[str, Any] = from_wire(row.options)
+        args = decode_wire(row.args)
+        kwargs = decode_wire(row.kwargs)
+        options: dict[str, Any] = decode_wire(row.options)
         # Lets the worker record the task's lifecycle on this row by key (outbox.lifecycle).
         headers = {**(options.pop("headers", None) or {}), ROW_ID_HEADER: row.id}
         if row.ordering_key is not None:

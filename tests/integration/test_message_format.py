@@ -8,6 +8,7 @@ properties, the exchange and routing key) and compared.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from outbox.brokers import probe_for
 from outbox.lifecycle import ROW_ID_HEADER
 from outbox.ordering import KEY_HEADER, SEQ_HEADER
 from outbox.publishing import ClaimedRow, publisher_for
+from outbox.serialization import to_wire
 from tests.services import app_on
 
 TASK = "format.probe"
@@ -91,14 +93,19 @@ def publish_both(app: Celery, stored: dict[str, Any], row: ClaimedRow) -> tuple[
     return expected, read_raw(app, queue)
 
 
+def to_stored(value: Any) -> str:
+    """``value`` as the outbox table holds it, and the relay reads it: wire JSON text."""
+    return json.dumps(to_wire(value, where="a test row"))
+
+
 def a_row(options: dict[str, Any], *, key: str | None = None) -> ClaimedRow:
     return ClaimedRow(
         id=ROW_ID,
         task_id=uuid.uuid4(),
         task_name=TASK,
-        args=ARGS,
-        kwargs=KWARGS,
-        options=options,
+        args=to_stored(ARGS),
+        kwargs=to_stored(KWARGS),
+        options=to_stored(options),
         attempts=0,
         available_at=datetime.now(UTC),
         ordering_key=key,

@@ -3,6 +3,7 @@ RabbitMQ's confirms are counted."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +15,13 @@ from outbox.brokers import OpaqueBrokerProbe
 from outbox.publishing import ClaimedRow, MessageBuilder, RowFailedError, publisher_for
 from outbox.publishing.amqp import ConfirmingPublisher, _Confirms
 from outbox.publishing.kombu import KombuPublisher
+from outbox.serialization import to_wire
 from tests.unit.conftest import memory_app
+
+
+def to_stored(value: Any) -> str:
+    """``value`` as the outbox table holds it, and the relay reads it: wire JSON text."""
+    return json.dumps(to_wire(value, where="a test row"))
 
 
 def a_row(task_name: str, args: Any = (), options: Any = None) -> ClaimedRow:
@@ -22,9 +29,9 @@ def a_row(task_name: str, args: Any = (), options: Any = None) -> ClaimedRow:
         id=1,
         task_id=uuid.uuid4(),
         task_name=task_name,
-        args=list(args),
-        kwargs={},
-        options=options or {},
+        args=to_stored(list(args)),
+        kwargs="{}",
+        options=to_stored(options or {}),
         attempts=0,
         available_at=datetime.now(UTC),
     )
