@@ -270,14 +270,15 @@ def test_the_purges_delete_old_rows_in_batches_and_keep_the_rest(
 def test_the_row_estimate_follows_inserts_without_counting(
     store_engine: Engine, memory_celery: Celery
 ) -> None:
-    """Within moments of the commit (PostgreSQL's statistics are reported by the writing
-    connection when it goes idle; the key's span elsewhere is current at once)."""
+    """Within moments of the commit, within 10 %: PostgreSQL's statistics are reported by
+    each writing connection when it goes idle (an earlier test's few rows may still be
+    counted in or out); the key's span elsewhere is current at once."""
+    rows = 1000
+    enqueue(store_engine, memory_celery, rows)
 
     def estimate() -> int:
         with store_engine.connect() as conn:
             return store_for(conn).estimated_rows(conn, outbox_table)
 
-    # The statistics have taken in the emptying of the table before this test writes.
-    wait_for(lambda: estimate() == 0, timeout=30)
-    enqueue(store_engine, memory_celery, 40)
-    wait_for(lambda: estimate() == 40, timeout=30)
+    found = wait_for(lambda: estimate() if estimate() >= 0.9 * rows else None, timeout=30)
+    assert found <= 1.1 * rows
