@@ -25,7 +25,8 @@ pytest_plugins = ["tests.services"]
 
 RUN_ID = uuid.uuid4().hex[:12]
 TEST_DATABASE = os.environ.get("OUTBOX_TEST_DATABASE", "postgresql")
-#: This run's MariaDB database (and user), created when a test first needs it.
+#: This run's MariaDB database (and user) when the app runs on MariaDB; otherwise the
+#: store tests make one of their own (``mariadb_engine`` in tests.services).
 MARIADB_DATABASE = f"outbox_test_{RUN_ID}"
 REDIS_DB = pytest.StashKey[int | None]()
 DEMO_DIR = pytest.StashKey[str]()

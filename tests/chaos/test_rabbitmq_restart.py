@@ -6,8 +6,8 @@ and the relay marks a row dispatched only once confirmed: nothing the relay mark
 lost by a crash. What the broker had not confirmed stays pending and is published again
 after the restart; deliveries a worker held unacknowledged go back to the queue and are
 delivered again, and the idempotent consumer skips what it had applied. The relays notice
-each restart (the transient marker queue they planted is gone) without republishing what
-the node kept.
+the restarts (the transient marker queue they planted is gone; the test waits for a node
+instance they had not recorded) without republishing what the node kept.
 """
 
 from __future__ import annotations
