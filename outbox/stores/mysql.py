@@ -252,11 +252,15 @@ def _compile_json_items_match(element: _JsonItemsMatch, compiler: SQLCompiler, *
                 f"AND item.n = {bound(float(value))})"
             )
         else:
-            minified = json.dumps(value, separators=(",", ":"))
-            conditions.append(
-                f"(JSON_TYPE(item.v) = 'OBJECT' AND "
-                f"JSON_COMPACT(item.v) = JSON_COMPACT({bound(minified)}))"
+            minified = bound(json.dumps(value, separators=(",", ":")))
+            # MariaDB's JSON is text: compared compacted. MySQL's is a type of its own,
+            # compared as JSON values.
+            same = (
+                f"JSON_COMPACT(item.v) = JSON_COMPACT({minified})"
+                if getattr(compiler.dialect, "is_mariadb", False)
+                else f"item.v = CAST({minified} AS JSON)"
             )
+            conditions.append(f"(JSON_TYPE(item.v) = 'OBJECT' AND {same})")
     column = compiler.process(element.column, **kw)
     matches = " OR ".join(conditions) or "FALSE"
     # The path is one of two constants: JSON_TABLE takes it as a literal only. Every
