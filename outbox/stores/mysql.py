@@ -33,6 +33,7 @@ from sqlalchemy import (
     Table,
     Update,
     bindparam,
+    case,
     func,
     or_,
     select,
@@ -65,6 +66,8 @@ class MySQLStore(Store):
     uuid_type: ClassVar[TypeEngine[Any]] = Uuid(native_uuid=False)
     #: The statements :meth:`update_one` runs, by update, built at first use.
     _row_update_pairs: ClassVar[dict[RowUpdate, tuple[Select[Any], Update]]] = {}
+    #: The UPDATE :meth:`next_in_line` tries first, by table.
+    _next_in_line_updates: ClassVar[dict[str, Update]] = {}
 
     def check_server(self, conn: Connection) -> None:
         dialect: Any = conn.dialect
@@ -142,15 +145,22 @@ class MySQLStore(Store):
         return upsert
 
     def next_in_line(self, conn: Executor, table: Table, key: str, now: Any) -> tuple[int, bool]:
-        # No RETURNING: the upsert locks the key's row, and the transaction reads its own
-        # write back, so no other writer can come between the two statements.
-        statement = self._next_in_line_statements.get(table.fullname)
-        if statement is None:
-            statement = self._next_in_line_statements[table.fullname] = (
-                self._next_in_line_statement(table)
-            )
-        conn.execute(statement, {"new_key": key, "at": now})
+        # An existing key is updated by its primary key: a lock on its row alone. An
+        # upsert that finds the row would also lock the gap before it, until the writer
+        # commits, and a writer creating a key that sorts into that gap would wait for
+        # it: writers to other keys must never wait. Only a new key is upserted (two
+        # writers may create it at once). No RETURNING: the transaction reads its own
+        # write back, under the row's lock, so no other writer can come between.
         c = table.c
+        params = {"new_key": key, "at": now}
+        updated = conn.execute(self._next_in_line_update(table), params)
+        if not updated.rowcount:  # type: ignore[attr-defined]
+            statement = self._next_in_line_statements.get(table.fullname)
+            if statement is None:
+                statement = self._next_in_line_statements[table.fullname] = (
+                    self._next_in_line_statement(table)
+                )
+            conn.execute(statement, params)
         seq, head = conn.execute(
             select(c.last_seq, c.head_seq).where(c.key == bindparam("of_key", key))
         ).one()
@@ -158,6 +168,25 @@ class MySQLStore(Store):
 
     def _next_in_line_statement(self, table: Table) -> Insert:
         return self._next_in_line_upsert(table)
+
+    def _next_in_line_update(self, table: Table) -> Update:
+        """The upsert's UPDATE alone, for a key that exists (in the same order)."""
+        statement = self._next_in_line_updates.get(table.fullname)
+        if statement is None:
+            c = table.c
+            idle = c.head_seq.is_(None)
+            now = bindparam("at", type_=c.updated_at.type)
+            statement = self._next_in_line_updates[table.fullname] = (
+                update(table)
+                .where(c.key == bindparam("new_key", type_=c.key.type))
+                .ordered_values(
+                    (c.head_since, case((idle, now), else_=c.head_since)),
+                    (c.head_seq, case((idle, c.last_seq + 1), else_=c.head_seq)),
+                    (c.last_seq, c.last_seq + 1),
+                    (c.updated_at, now),
+                )
+            )
+        return statement
 
     def update_one(self, conn: Executor, change: RowUpdate, params: Mapping[str, Any]) -> Any:
         pair = self._row_update_pairs.get(change)
