@@ -32,6 +32,7 @@ SECTIONS = (
     "amqp",
     "batch",
     "latency",
+    "wakeup",
     "backlog",
     "e2e",
     "ordering",

@@ -39,6 +39,9 @@ class Sizes:
     #: Offered load of the latency section: enqueues per second, for how long.
     latency_rate: float
     latency_seconds: float
+    #: Concurrent pgbench writers tried, and seconds per pgbench run (commit wake-up cost).
+    wakeup_writers: tuple[int, ...]
+    wakeup_seconds: float
     #: Dispatched rows beside the pending batch (backlog scaling), smallest first.
     backlog_levels: tuple[int, ...]
     #: Claims timed per backlog level per run, and per table of the ordering section.
@@ -75,6 +78,8 @@ FULL = Sizes(
     batch_sizes=(50, 100, 200, 500, 1000),
     latency_rate=200.0,
     latency_seconds=10.0,
+    wakeup_writers=(4, 16, 64),
+    wakeup_seconds=8.0,
     backlog_levels=(0, 100_000, 1_000_000),
     claim_rounds=300,
     probe_levels=(0, 1_000_000),
@@ -99,6 +104,8 @@ QUICK = Sizes(
     batch_sizes=(50, 200),
     latency_rate=50.0,
     latency_seconds=1.0,
+    wakeup_writers=(4,),
+    wakeup_seconds=1.0,
     backlog_levels=(0, 1_000, 10_000),
     claim_rounds=10,
     probe_levels=(0, 2_000),

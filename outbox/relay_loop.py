@@ -2,9 +2,10 @@
 
 Where the store can notify (PostgreSQL), the loop LISTENs on its channel; the outbox
 table's trigger notifies when an inserting transaction commits, so a task is published
-within milliseconds of its commit instead of waiting for the next beat sweep. A missed
-notification (the listening connection dropped, a relay restarting) costs at most one
-``poll_interval``.
+within milliseconds of its commit instead of waiting for the next beat sweep. Writers
+notify only while the loop says it waits; while it is busy it stands down and looks for
+rows itself (``outbox.wakeups``). A missed notification (the listening connection
+dropped, a relay restarting) costs at most one ``poll_interval``.
 
 Where the database cannot notify but serves a cheap check (MariaDB, MySQL: the store's
 ``due_check_interval``), the loop asks every few tens of milliseconds whether a due row
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +26,14 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from outbox.relay import MAINTENANCE_INTERVAL, DrainResult, Relay
+from outbox.schema import listeners_table
+from outbox.wakeups import (
+    BUSY_RATE,
+    CALM_RATE,
+    QUIET_CHECK_INTERVAL,
+    WakeupGate,
+    listening_connection,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +60,8 @@ class RelayLoop:
         self._stopping = threading.Event()
         self.waiting = threading.Event()
         self.wakeups: Counter[str] = Counter()
+        #: How often the loop stood down, busy: writers stopped notifying it meanwhile.
+        self.stand_downs = 0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -120,6 +132,7 @@ class RelayLoop:
                     continue
                 if on_drain is not None:
                     on_drain(result)
+                listener.drained(result)
                 if result.broker_unavailable:
                     backoff = min(MAX_ERROR_BACKOFF, max(0.1, backoff * 2))
                     self._stopping.wait(backoff)
@@ -161,6 +174,9 @@ class _Listener:
 
     def describe(self) -> str:
         return f"polling every {self.loop.poll_interval:g}s"
+
+    def drained(self, result: DrainResult) -> None:
+        """What the drain before the next wait did (a listener may change how it waits)."""
 
     def wait(self, timeout: float) -> str:
         """Wait up to ``timeout`` seconds; return why the wait ended."""
@@ -224,58 +240,161 @@ class _DueRowsListener(_ConnectedListener):
 
 
 class _NotifyListener(_ConnectedListener):
-    """Waits on LISTEN; reconnects on the next wait if the connection is lost."""
+    """Waits on LISTEN, announced in ``celery_outbox_listeners`` so that committing writers
+    notify (``outbox.wakeups``); while busy, stands down and looks for due rows itself.
+    Reconnects on the next wait if the connection is lost."""
 
     def __init__(self, loop: RelayLoop, channel: str) -> None:
         super().__init__(loop)
         self.channel = channel
+        self.gate: WakeupGate | None = None
+        #: Stood down: writers do not notify, this listener looks for rows itself.
+        self.quiet = False
+        self._rate = _Rate()
 
     def __enter__(self) -> _Listener:
         # LISTEN before the first drain, so nothing committed in between goes unnoticed.
         self._connection()
         return self
 
+    def __exit__(self, *exc: object) -> None:
+        if self.gate is not None and self._conn is not None:
+            try:
+                self.gate.unregister()
+            except Exception as e:  # its row goes with the connection, at the next check
+                logger.debug("cannot remove this relay's listener row: %s", e)
+        self._close()
+
     def describe(self) -> str:
         if self._conn is None:
             return f"LISTEN {self.channel} failed, " + super().describe()
         return f"LISTEN {self.channel}, polling every {self.loop.poll_interval:g}s as well"
 
+    def drained(self, result: DrainResult) -> None:
+        # Counted in tasks published, not notifications: a relay woken faster than it
+        # drains reads them one wake-up at a time, so their count says how fast it
+        # cycles, not how fast writers commit.
+        rate = self._rate.add(result.published)
+        if self.quiet:
+            if rate is not None and rate < CALM_RATE:
+                self.quiet = False
+        elif result.batches > 1 or (rate is not None and rate >= BUSY_RATE):
+            self._stand_down()
+
     def wait(self, timeout: float) -> str:
-        # Wake up at least every half second so stop() is honoured promptly.
-        step = min(timeout, 0.5)
+        if self._connection() is None:
+            return _Listener.wait(self, timeout)
+        try:
+            if self.quiet:
+                return self._wait_quiet(timeout)
+            return self._wait_listening(timeout)
+        except Exception as e:  # the listening connection broke: poll until it is back
+            logger.warning("LISTEN connection lost, polling until it is back: %s", e)
+            self._close()
+            return _Listener.wait(self, timeout)
+
+    def _wait_quiet(self, timeout: float) -> str:
         remaining = timeout
+        while remaining > 0:
+            if self.loop._stopping.wait(QUIET_CHECK_INTERVAL):
+                return "stopped"
+            remaining -= QUIET_CHECK_INTERVAL
+            if self._due():
+                return "found"
+            rate = self._rate.add(0)
+            if rate is not None and rate < CALM_RATE:
+                self.quiet = False
+                return self._wait_listening(remaining)
+        return "timeout"
+
+    def _wait_listening(self, timeout: float) -> str:
+        gate = self.gate
+        if gate is not None and not gate.waiting and gate.announce():
+            return "found"
+        remaining = timeout
+        # While writers that may have read the old state are in their transactions,
+        # look again soon, then less and less often.
+        settle_step = QUIET_CHECK_INTERVAL
         while remaining > 0 and not self.loop.stopping:
-            conn = self._connection()
-            if conn is None:
-                return super().wait(remaining)
-            try:
-                if any(True for _ in conn.notifies(timeout=step, stop_after=1)):
-                    # Swallow the ones already here: one drain serves them all. A timeout
-                    # of 0 reads what has arrived without waiting for more.
-                    for _ in conn.notifies(timeout=0):
-                        pass
-                    return "notified"
-            except Exception as e:  # the listening connection broke: poll until it is back
-                logger.warning("LISTEN connection lost, polling until it is back: %s", e)
-                self._close()
+            unsettled = gate if gate is not None and gate.in_flight else None
+            # Wake up at least every half second so stop() is honoured promptly.
+            step = min(remaining, settle_step if unsettled else 0.5)
+            if self._notified(step):
+                return "notified"
             remaining -= step
-        return "stopped" if self.loop.stopping else "timeout"
+            if unsettled is not None:
+                if unsettled.settle():
+                    return "found"
+                settle_step = min(settle_step * 2, 0.1)
+        if self.loop.stopping:
+            return "stopped"
+        if gate is not None:
+            gate.forget_gone()
+        return "timeout"
+
+    def _notified(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a notification."""
+        driver = self._conn.connection.dbapi_connection
+        if not any(True for _ in driver.notifies(timeout=timeout, stop_after=1)):
+            return False
+        # Swallow the ones already here: one drain serves them all. A timeout of 0 reads
+        # what has arrived without waiting for more.
+        for _ in driver.notifies(timeout=0):
+            pass
+        return True
+
+    def _stand_down(self) -> None:
+        self.quiet = True
+        self.loop.stand_downs += 1
+        self._rate = _Rate()
+        if self.gate is not None and self._conn is not None:
+            try:
+                self.gate.stand_down()
+            except Exception as e:  # the next wait finds the connection broken
+                logger.debug("cannot stand down: %s", e)
+
+    def _due(self) -> bool:
+        return self.loop.relay.has_due_rows(self._conn)
 
     def _connection(self) -> Any:
         if self._conn is not None:
             return self._conn
-        conn: Any = None
         try:
-            raw = self.loop.relay.engine.raw_connection()
-            conn = raw.driver_connection
-            # A dedicated connection, detached from the pool: it lives in LISTEN mode.
-            raw.detach()
-            conn.autocommit = True
-            conn.execute(f"LISTEN {self.channel}")
+            conn = listening_connection(self.loop.relay.engine, self.channel)
         except Exception as e:
             logger.warning("cannot LISTEN on %s, polling instead: %s", self.channel, e)
-            if conn is not None:
-                conn.close()
             return None
         self._conn = conn
+        self.quiet = False
+        self.gate = WakeupGate(conn, lambda: self.loop.relay.has_due_rows(conn))
+        try:
+            self.gate.register()
+        except Exception as e:
+            logger.warning(
+                "cannot register in %s (%s): committing writers notify on every commit "
+                "until the migrations have run",
+                listeners_table.name,
+                e,
+            )
+            self.gate = None
         return conn
+
+
+class _Rate:
+    """Events per second, over windows of at least ``WINDOW`` seconds."""
+
+    WINDOW = 0.1
+
+    def __init__(self) -> None:
+        self._started = time.monotonic()
+        self._count = 0
+
+    def add(self, count: int) -> float | None:
+        """Count ``count`` events; the rate of the window this closes, if it does."""
+        self._count += count
+        elapsed = time.monotonic() - self._started
+        if elapsed < self.WINDOW:
+            return None
+        rate = self._count / elapsed
+        self._started, self._count = time.monotonic(), 0
+        return rate

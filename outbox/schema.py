@@ -16,6 +16,7 @@ from typing import Any, cast
 from sqlalchemy import (
     DDL,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Index,
@@ -263,6 +264,26 @@ class RelayHeartbeat(Base):
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
+class RelayListener(Base):
+    """A relay loop listening for commits (PostgreSQL), and whether it waits right now.
+
+    A committing enqueue notifies only while one of these rows says ``waiting``: a relay
+    busy draining needs no wake-up, and a NOTIFY costs every concurrent writer (see
+    ``outbox.wakeups``). A row belongs to the listening connection's server process,
+    named by its pid and start time (a pid alone can be reused), so the row of a relay
+    that died is recognised and deleted. Unused where the database cannot notify.
+    """
+
+    __tablename__ = "celery_outbox_listeners"
+
+    pid: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    backend_start: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    #: ``hostname:pid`` of the relay process, for ``outbox status``.
+    relay: Mapped[str] = mapped_column(String(255), nullable=False)
+    waiting: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
 class BrokerIdentity(Base):
     """What the relays last saw of a broker, to notice that it restarted or lost its data.
 
@@ -334,6 +355,7 @@ class OrderingKey(Base):
 
 
 relays_table = cast(Table, RelayHeartbeat.__table__)
+listeners_table = cast(Table, RelayListener.__table__)
 keys_table = cast(Table, OrderingKey.__table__)
 brokers_table = cast(Table, BrokerIdentity.__table__)
 
@@ -341,15 +363,23 @@ brokers_table = cast(Table, BrokerIdentity.__table__)
 #: The channel a committed enqueue notifies on PostgreSQL (see ``relay_loop``).
 NOTIFY_CHANNEL = "celery_outbox"
 
-# One NOTIFY per INSERT statement, sent by PostgreSQL only when the inserting transaction
-# commits (and merged with identical notifications of that transaction). The enqueue path
-# pays no extra round trip, and a rolled-back enqueue wakes nobody.
+#: Whether a relay waits on LISTEN now: what decides if a committing enqueue notifies.
+SOME_RELAY_WAITING = "EXISTS (SELECT FROM celery_outbox_listeners WHERE waiting)"
+
+# One NOTIFY per INSERT statement, and only while a relay says it waits on LISTEN
+# (``outbox.wakeups``). PostgreSQL sends it when the inserting transaction commits (merged
+# with identical notifications of that transaction), so a rolled-back enqueue wakes
+# nobody. The condition is a plain read of a table of a few rows: it takes no lock but
+# the table's shared one, where NOTIFY would make the commit queue behind every other
+# notifying commit.
 _notify_function = DDL(  # type: ignore[no-untyped-call]
     f"""
     CREATE OR REPLACE FUNCTION celery_outbox_notify() RETURNS trigger
     LANGUAGE plpgsql AS $$
     BEGIN
-        PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+        IF {SOME_RELAY_WAITING} THEN
+            PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+        END IF;
         RETURN NULL;
     END $$
     """
@@ -362,6 +392,9 @@ _notify_trigger = DDL(  # type: ignore[no-untyped-call]
 ).execute_if(dialect="postgresql")
 event.listen(outbox_table, "after_create", _notify_function)
 event.listen(outbox_table, "after_create", _notify_trigger)
+# Tables an earlier version made get the function that reads the listeners when their
+# table is added (``init-db`` on an existing database).
+event.listen(listeners_table, "after_create", _notify_function)
 
 
 def create_tables(bind: Engine | Connection) -> None:

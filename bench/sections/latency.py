@@ -211,13 +211,10 @@ def _wait_until_ready(relay: Child, timeout: float = 60) -> None:
 
 
 def _wait_until_listening(ctx: Context, relay: Child, timeout: float = 60) -> None:
-    """The relay LISTENs before its first drain: once PostgreSQL shows the LISTEN, no
-    commit can go unnoticed."""
+    """The relay says in ``celery_outbox_listeners`` that it waits once it has drained and
+    LISTENs: from then on every commit notifies it."""
     deadline = time.monotonic() + timeout
-    query = text(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND query LIKE 'LISTEN %'"
-    )
+    query = text("SELECT count(*) FROM celery_outbox_listeners WHERE waiting")
     while time.monotonic() < deadline:
         if not relay.alive:
             raise ChildError(f"the relay exited at start-up:\n{relay.log()}")
@@ -225,4 +222,4 @@ def _wait_until_listening(ctx: Context, relay: Child, timeout: float = 60) -> No
             if conn.execute(query).scalar_one():
                 return
         time.sleep(0.05)
-    raise ChildError(f"the relay did not LISTEN within {timeout:g}s:\n{relay.log()}")
+    raise ChildError(f"the relay did not wait on LISTEN within {timeout:g}s:\n{relay.log()}")

@@ -11,12 +11,14 @@ from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 
-from outbox.schema import NOTIFY_CHANNEL
+from outbox.schema import NOTIFY_CHANNEL, SOME_RELAY_WAITING
 from outbox.stores import Executor, Store
 
 #: ``synchronous_commit = off`` for the current transaction only (``SET LOCAL``), as an
 #: expression, so it travels inside the statement instead of costing a round trip.
 _ASYNC_COMMIT = select(func.set_config("synchronous_commit", "off", True)).scalar_subquery()
+
+_WAKE = select(func.pg_notify(NOTIFY_CHANNEL, "")).where(text(SOME_RELAY_WAITING))
 
 
 class PostgresStore(Store):
@@ -63,9 +65,9 @@ class PostgresStore(Store):
         return pg_insert(table)
 
     def wake_relays(self, conn: Executor) -> None:
-        # Delivered when the transaction commits, dropped if it rolls back, like the
-        # INSERT trigger's.
-        conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, "")))
+        # Delivered when the transaction commits, dropped if it rolls back, and sent only
+        # while a relay waits, like the INSERT trigger's.
+        conn.execute(_WAKE)
 
     def relaxed_durability(self, statement: Update) -> Update:
         # The commit does not wait for the WAL flush: a database crash can lose the last

@@ -1,0 +1,295 @@
+"""What waking the relay costs concurrent writers: transactions per second under pgbench.
+
+Every INSERT into the outbox fires the ``celery_outbox_notify`` trigger. PostgreSQL
+serialises the commits of notifying transactions behind one lock, so a NOTIFY on every
+commit caps how fast many writers can commit at once; the trigger therefore notifies only
+while a relay waits on LISTEN (``outbox.wakeups``). Each run is ``pgbench`` committing one
+INSERT of a pending outbox row per transaction from concurrent clients, on the bench's own
+database, with the trigger as one of:
+
+- ``notify while a relay waits``: the function as ``init_db`` made it (the current code);
+- ``notify on every commit``: the previous function, ``pg_notify`` unconditionally;
+- ``no wake-up``: the trigger disabled, the ceiling the other two are compared with.
+
+Twice: with no relay running (writers only: nobody waits, so the current function never
+notifies), and with the example's ``flask --app webapp outbox relay`` running, which waits
+on LISTEN when idle and stands down while busy. The relay is idle again before each run:
+it has published every row of the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import Connection, make_url, text
+
+from bench.children import Child, ChildError
+from bench.context import Context, rotated
+from bench.data import count_status, empty_queue, empty_tables
+from bench.results import RATIO, Figure, Target, ratios
+
+SECTION = "wakeup"
+WAITING, EVERY, NONE = "notify while a relay waits", "notify on every commit", "no wake-up"
+WRITERS_ONLY, RELAY_RUNNING = "writers only", "relay running"
+#: pgbench threads, whatever the number of clients.
+THREADS = 2
+#: How long the relay may take to wait on LISTEN at start, and to publish a run's rows.
+START_TIMEOUT = 60.0
+DRAIN_TIMEOUT = 300.0
+
+#: One transaction of a pgbench client: what an enqueue of ``notify_customer(1)`` writes.
+_SCRIPT = (
+    "INSERT INTO celery_outbox (task_id, task_name, args, kwargs, options, status, attempts, "
+    "deliveries, created_at, available_at, task_runs) VALUES (gen_random_uuid(), "
+    "'orders.notify_customer', '[1]', '{}', '{}', 'pending', 0, 0, now(), now(), 0);\n"
+)
+_EVERY_COMMIT = """
+CREATE OR REPLACE FUNCTION celery_outbox_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('celery_outbox', '');
+    RETURN NULL;
+END $$
+"""
+_TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)$", re.MULTILINE)
+_WAITING_LISTENERS = text("SELECT count(*) FROM celery_outbox_listeners WHERE waiting")
+
+
+def run(ctx: Context) -> list[Figure]:
+    pgbench = shutil.which("pgbench")
+    if pgbench is None:
+        raise RuntimeError(
+            "the wakeup section needs pgbench, from PostgreSQL's client tools "
+            "(e.g. the postgresql-client package)"
+        )
+    writers = ctx.sizes.wakeup_writers
+    seconds = _whole_seconds(ctx.sizes.wakeup_seconds)
+    variants = [WAITING, EVERY, NONE]
+    scenarios = [WRITERS_ONLY, RELAY_RUNNING]
+    tps: dict[str, dict[int, dict[str, list[float]]]] = {
+        scenario: {count: {variant: [] for variant in variants} for count in writers}
+        for scenario in scenarios
+    }
+    #: With the relay running: the tasks it published per second while pgbench ran.
+    published: dict[int, dict[str, list[float]]] = {
+        count: {variant: [] for variant in variants} for count in writers
+    }
+    script = ctx.services.work_dir / "wakeup-insert.sql"
+    script.write_text(_SCRIPT)
+    with ctx.engine.connect() as conn:
+        original: str = conn.execute(
+            text("SELECT pg_get_functiondef('celery_outbox_notify'::regproc)")
+        ).scalar_one()
+    try:
+        for scenario in scenarios:
+            relay = _start_relay(ctx) if scenario == RELAY_RUNNING else None
+            try:
+                if relay is None and _listeners_waiting(ctx):
+                    raise RuntimeError("writers only: a relay still says it waits on LISTEN")
+                for run_index in range(ctx.repeats):
+                    for count in writers:
+                        for variant in rotated(variants, run_index):
+                            ctx.say(
+                                f"wakeup: run {run_index + 1}/{ctx.repeats}, {scenario}, "
+                                f"{count} writers, {variant}"
+                            )
+                            _set_variant(ctx, variant, original)
+                            empty_tables(ctx.engine)
+                            empty_queue(ctx.redis)
+                            rate = _pgbench(ctx, pgbench, script, count, seconds)
+                            tps[scenario][count][variant].append(rate)
+                            if relay is not None:
+                                sent = count_status(ctx.engine, "dispatched") / seconds
+                                published[count][variant].append(sent)
+                                _wait_until_idle(ctx, relay)
+                            empty_queue(ctx.redis)
+            finally:
+                if relay is not None:
+                    relay.stop()
+    finally:
+        _restore(ctx, original)
+        empty_tables(ctx.engine)
+        empty_queue(ctx.redis)
+    shape = (
+        f"pgbench -n -c {'/'.join(map(str, writers))} -j {THREADS} -T {seconds}: "
+        "one INSERT of a pending outbox row per transaction"
+    )
+    ctx.extra["wakeup"] = {
+        "pgbench": shape,
+        "tps": {
+            scenario: {str(count): dict(by_variant) for count, by_variant in by_writers.items()}
+            for scenario, by_writers in tps.items()
+        },
+        "relay_published_per_second": {
+            str(count): dict(by_variant) for count, by_variant in published.items()
+        },
+    }
+    figures: list[Figure] = []
+    for scenario in scenarios:
+        for count in writers:
+            rates = tps[scenario][count]
+            label = f"{count} writers, {scenario}"
+            for variant in variants:
+                figures.append(Figure(SECTION, f"{label}: {variant}", "tx/s", rates[variant]))
+            figures.append(
+                Figure(
+                    SECTION,
+                    f"{label}: ratio {WAITING} / {NONE}",
+                    RATIO,
+                    ratios(rates[WAITING], rates[NONE]),
+                    target=Target.at_least(0.9, RATIO),
+                )
+            )
+            figures.append(
+                Figure(
+                    SECTION,
+                    f"{label}: ratio {EVERY} / {NONE}",
+                    RATIO,
+                    ratios(rates[EVERY], rates[NONE]),
+                )
+            )
+            if scenario == RELAY_RUNNING:
+                figures.extend(_relay_figures(label, rates, published[count]))
+    figures[0].note = shape
+    relay_first = next(f for f in figures if RELAY_RUNNING in f.name)
+    relay_first.note = "flask outbox relay running, idle (waiting on LISTEN) as each run starts"
+    return figures
+
+
+def _relay_figures(
+    label: str, rates: dict[str, list[float]], published: dict[str, list[float]]
+) -> list[Figure]:
+    """What the relay published meanwhile, and writes plus publishes per second: the relay
+    and the writers share the machine's cores, so a variant whose relay publishes more
+    leaves the writers less."""
+    figures = [
+        Figure(SECTION, f"{label}: {variant}, relay published meanwhile", "tasks/s", sent)
+        for variant, sent in published.items()
+    ]
+    both = {
+        variant: [w + p for w, p in zip(rates[variant], published[variant], strict=True)]
+        for variant in published
+    }
+    figures.append(
+        Figure(
+            SECTION,
+            f"{label}: ratio of writes + publishes, {WAITING} / {NONE}",
+            RATIO,
+            ratios(both[WAITING], both[NONE]),
+        )
+    )
+    return figures
+
+
+def _whole_seconds(seconds: float) -> int:
+    """pgbench's ``-T`` takes whole seconds only."""
+    return max(1, round(seconds))
+
+
+def _set_variant(ctx: Context, variant: str, original: str) -> None:
+    with ctx.engine.begin() as conn:
+        if variant == NONE:
+            _define(conn, original)
+            conn.execute(text("ALTER TABLE celery_outbox DISABLE TRIGGER celery_outbox_notify"))
+            return
+        _define(conn, original if variant == WAITING else _EVERY_COMMIT)
+        conn.execute(text("ALTER TABLE celery_outbox ENABLE TRIGGER celery_outbox_notify"))
+
+
+def _restore(ctx: Context, original: str) -> None:
+    """The function and trigger as ``init_db`` left them."""
+    _set_variant(ctx, WAITING, original)
+
+
+def _define(conn: Connection, definition: str) -> None:
+    # Sent as it is: a function body is no place for bind parameters.
+    conn.exec_driver_sql(definition)
+
+
+def _pgbench(ctx: Context, pgbench: str, script: Path, writers: int, seconds: int) -> float:
+    """One pgbench run of ``writers`` clients for ``seconds``: its transactions per second,
+    connection set-up excluded."""
+    url = make_url(ctx.services.database_url)
+    args = [pgbench, "-n", "-f", str(script), "-c", str(writers), "-j", str(THREADS)]
+    args += ["-T", str(seconds)]
+    if url.host:
+        args += ["-h", url.host]
+    if url.port:
+        args += ["-p", str(url.port)]
+    if url.username:
+        args += ["-U", url.username]
+    assert url.database
+    args.append(url.database)
+    env = dict(os.environ)
+    if url.password:
+        env["PGPASSWORD"] = str(url.password)
+    done = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ctx.services.work_dir,
+        timeout=seconds + 120,
+        check=False,
+    )
+    found = _TPS.search(done.stdout)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(
+            f"pgbench ({writers} clients) exited with {done.returncode}"
+            + ("" if found else " and printed no tps line")
+            + f":\n{done.stderr[-4000:]}{done.stdout[-2000:]}"
+        )
+    return float(found.group(1))
+
+
+def _start_relay(ctx: Context) -> Child:
+    relay = Child(
+        "relay-wakeup",
+        [sys.executable, "-m", "flask", "--app", "webapp", "outbox", "relay"],
+        ctx.services.work_dir,
+    )
+    try:
+        _poll(
+            relay,
+            lambda: _listeners_waiting(ctx) > 0,
+            START_TIMEOUT,
+            "did not wait on LISTEN",
+        )
+    except BaseException:
+        relay.stop()
+        raise
+    return relay
+
+
+def _wait_until_idle(ctx: Context, relay: Child) -> None:
+    """Until the relay has published every row of the run and waits on LISTEN again."""
+    _poll(
+        relay,
+        lambda: count_status(ctx.engine, "pending") == 0 and _listeners_waiting(ctx) > 0,
+        DRAIN_TIMEOUT,
+        "did not publish every row and wait again",
+    )
+
+
+def _listeners_waiting(ctx: Context) -> int:
+    with ctx.engine.connect() as conn:
+        waiting: int = conn.execute(_WAITING_LISTENERS).scalar_one()
+    return waiting
+
+
+def _poll(relay: Child, done: Callable[[], bool], timeout: float, failure: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not relay.alive:
+            raise ChildError(f"the relay exited with {relay.popen.returncode}:\n{relay.log()}")
+        if done():
+            return
+        time.sleep(0.05)
+    raise ChildError(f"the relay {failure} within {timeout:g}s:\n{relay.log()}")

@@ -1,0 +1,176 @@
+"""Waking a relay on PostgreSQL without making every commit pay for it.
+
+A NOTIFY is cheap for the one transaction that sends it, but PostgreSQL queues the
+commits of all notifying transactions behind one lock, held across each commit's WAL
+flush: with tens of writers at once, the wake-up caps the application's whole write rate
+(measured in ``docs/benchmarks.md``). It is also needed least when it costs most: a relay
+with work to do drains in a loop and needs no wake-up at all.
+
+So the outbox table's trigger notifies only while a relay says it waits on LISTEN, a row
+of ``celery_outbox_listeners`` per listening relay (:class:`WakeupGate`). A relay:
+
+* **stands down** (``waiting = false``) while it is busy: draining a backlog, or
+  publishing more than ``BUSY_RATE`` tasks a second. It then looks for due rows itself
+  every ``QUIET_CHECK_INTERVAL`` (an index-only read) until it publishes fewer than
+  ``CALM_RATE`` a second;
+* **announces** (``waiting = true``) before it waits, then checks again, so that a row
+  committed by a writer that read the old state is not left for the poll. A writer that
+  read ``waiting = false`` may still be in its transaction; the check lists the
+  transactions holding a write lock on the outbox table, looks for due rows, and looks
+  once more each time the listed transactions have ended. A transaction's commit is
+  visible before its locks are released, so a writer not listed has committed where the
+  check sees it, and a listed one is seen once it ends. Writers that read the new state
+  notify.
+
+A committed row therefore never waits for the poll interval while a relay runs: it is
+found by a drain, by the check after an announcement, or by its notification. Only a
+writer in REPEATABLE READ or SERIALIZABLE that took its snapshot before an announcement
+and inserts after the check reads the old state; the poll interval bounds that one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, exists, func, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection, Engine
+
+from outbox.clock import utcnow
+from outbox.schema import listeners_table, outbox_table
+
+#: Tasks published per second above which notifications cost writers more than they save
+#: the relay: it stands down and looks for rows itself.
+BUSY_RATE = 500.0
+#: Rows published per second below which a relay that stood down waits on LISTEN again.
+CALM_RATE = 100.0
+#: How often a relay that stood down looks for a due row.
+QUIET_CHECK_INTERVAL = 0.001
+
+_l = listeners_table.c
+
+#: Transactions that hold a write lock on the outbox table: the writers that may have
+#: read the old state. ``virtualtransaction`` names one transaction of one session.
+_WRITERS = text(
+    "SELECT virtualtransaction FROM pg_locks WHERE locktype = 'relation'"
+    " AND relation = CAST(:table AS regclass) AND mode = 'RowExclusiveLock'"
+    " AND pid <> pg_backend_pid()"
+).bindparams(table=outbox_table.fullname)
+
+_BACKEND_START = text("SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+
+#: Rows of listening connections that no longer exist (a relay killed, its connection
+#: cut): each would keep writers notifying for nothing.
+_FORGET_GONE = delete(listeners_table).where(
+    ~exists(
+        select(text("1"))
+        .select_from(text("pg_stat_activity AS a"))
+        .where(text("a.pid = celery_outbox_listeners.pid"))
+        .where(text("a.backend_start = celery_outbox_listeners.backend_start"))
+    )
+)
+
+
+def listening_connection(engine: Engine, channel: str) -> Connection:
+    """A connection of its own, detached from the pool, in autocommit, LISTENing on
+    ``channel``: what a relay waits on and announces itself through."""
+    conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        conn.detach()
+        # What it writes is a hint: a database crash may lose the last one.
+        conn.exec_driver_sql("SET synchronous_commit = off")
+        conn.exec_driver_sql(f"LISTEN {channel}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def relay_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class WakeupGate:
+    """One relay's row in ``celery_outbox_listeners``, on its listening connection.
+
+    ``conn`` is in autocommit: each change is visible to writers as soon as it returns.
+    ``due`` says whether a row is due (the relay's index-only check), read on ``conn``.
+    The methods are the steps of the protocol above, so a test can run them in any
+    interleaving with real writers.
+    """
+
+    def __init__(self, conn: Connection, due: Any) -> None:
+        self.conn = conn
+        self._due = due
+        self.pid: int | None = None
+        self._started: datetime | None = None
+        self.waiting = False
+        #: Writers that may have read the old state and had not ended at the last check.
+        self.in_flight: frozenset[str] = frozenset()
+
+    def register(self) -> None:
+        """Add this relay's row, not waiting; delete the rows of listeners now gone."""
+        self.conn.execute(_FORGET_GONE)
+        self.pid = int(self.conn.execute(select(func.pg_backend_pid())).scalar_one())
+        self._started = self.conn.execute(_BACKEND_START).scalar_one()
+        self._set_waiting(False)
+
+    def announce(self) -> bool:
+        """Say this relay waits, then check: whether a row is due. Writers that may have
+        read the old state and are still in their transactions are kept in
+        ``in_flight`` for :meth:`settle`."""
+        self._set_waiting(True)
+        # The writers first, then the rows: a writer missing from the list had ended,
+        # so its commit is visible to the check that follows.
+        self.in_flight = self._writers()
+        return bool(self._due())
+
+    def settle(self) -> bool:
+        """Check again once writers listed by :meth:`announce` have ended: whether a
+        row is due. ``in_flight`` keeps those that have not."""
+        if not self.in_flight:
+            return False
+        still = self.in_flight & self._writers()
+        if still == self.in_flight:
+            return False
+        self.in_flight = still
+        return bool(self._due())
+
+    def stand_down(self) -> None:
+        """Say this relay does not wait: writers stop notifying."""
+        self.in_flight = frozenset()
+        self._set_waiting(False)
+
+    def forget_gone(self) -> int:
+        """Delete the rows of listeners whose connection is gone; how many."""
+        return int(self.conn.execute(_FORGET_GONE).rowcount or 0)
+
+    def unregister(self) -> None:
+        if self.pid is not None:
+            self.conn.execute(delete(listeners_table).where(_l.pid == self.pid))
+            self.pid = None
+
+    def _set_waiting(self, waiting: bool) -> None:
+        if self.pid is None:
+            raise RuntimeError("register() the listener before announcing it")
+        # An upsert, so a row deleted meanwhile (by hand, or taken for a gone listener's)
+        # comes back rather than leaving this relay unannounced.
+        row = {
+            "pid": self.pid,
+            "backend_start": self._started,
+            "relay": relay_name(),
+            "waiting": waiting,
+            "updated_at": utcnow(),
+        }
+        self.conn.execute(
+            pg_insert(listeners_table)
+            .values(row)
+            .on_conflict_do_update(index_elements=[_l.pid], set_=row)
+        )
+        self.waiting = waiting
+
+    def _writers(self) -> frozenset[str]:
+        return frozenset(self.conn.execute(_WRITERS).scalars())
