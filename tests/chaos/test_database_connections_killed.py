@@ -31,7 +31,7 @@ from tests.chaos.checks import (
 from tests.chaos.processes import start_relay
 from tests.services import ChaosReport, wait_for
 
-ORDERS = 1000
+ORDERS = 2000
 APPLICATION_NAME = "outbox-chaos-relay"
 KILL_EVERY_SECONDS = 0.2
 #: Rounds that must terminate at least one relay backend while rows are still pending.
