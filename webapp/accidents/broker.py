@@ -37,8 +37,11 @@ class Faults:
         #: While set, the first publish of each task loses its acknowledgement.
         self.acks_lost = False
         self._lost_once: set[str] = set()
-        #: Messages written to the broker (acknowledged or not).
+        #: Messages written to the broker (acknowledged or not) since the last reset.
         self.written = 0
+        #: Messages written since the process started: what the worker's runs are
+        #: counted against, since a reset does not take back what is in the queue.
+        self.written_ever = 0
 
     def reset(self) -> None:
         with self._lock:
@@ -50,6 +53,7 @@ class Faults:
         task_id = str((payload.get("headers") or {}).get("id"))
         with self._lock:
             self.written += 1
+            self.written_ever += 1
             lose = self.acks_lost and task_id not in self._lost_once
             if lose:
                 self._lost_once.add(task_id)
