@@ -28,7 +28,9 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from celery.result import _set_task_join_will_block  # type: ignore[attr-defined]
@@ -58,9 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     watch.add_argument("--queue", default="celery")
     watch.add_argument("--count", type=int, required=True)
     watch.add_argument("--seconds", type=float, required=True)
+    watch.add_argument(
+        "--wall-clock",
+        action="store_true",
+        help="note arrivals on the wall clock (Unix time), as pgbench logs its commits",
+    )
     args = parser.parse_args(argv)
     if args.mode == "watch":
-        print(json.dumps(_watch(args.queue, args.count, args.seconds)), flush=True)
+        clock = time.time if args.wall_clock else monotonic
+        print(json.dumps(_watch(args.queue, args.count, args.seconds, clock)), flush=True)
         return 0
 
     from bench.celery_app import app as celery_app
@@ -122,7 +130,9 @@ def _publish(task: Any, count: int) -> dict[str, Any]:
     return {"published": count, "start": start, "end": monotonic()}
 
 
-def _watch(queue: str, count: int, seconds: float) -> dict[str, Any]:
+def _watch(
+    queue: str, count: int, seconds: float, clock: Callable[[], float] = monotonic
+) -> dict[str, Any]:
     """Pop messages as they arrive: BRPOP wakes the moment kombu's LPUSH lands, and the
     messages already behind it (a relay publishes a batch in one pipeline) are taken in
     the same instant with one RPOP, so they share its arrival time."""
@@ -137,7 +147,7 @@ def _watch(queue: str, count: int, seconds: float) -> dict[str, Any]:
         first = client.brpop([queue], timeout=0.1)
         if first is None:
             continue
-        arrived = monotonic()
+        arrived = clock()
         rest = client.rpop(queue, count) or []
         popped.extend((arrived, raw) for raw in [first[1], *rest])
     arrivals = {json.loads(raw)["headers"]["id"]: arrived for arrived, raw in popped}

@@ -27,12 +27,14 @@ from bench.results import Figure
 #: Sections in the order they run; ``profile`` only runs when asked for.
 SECTIONS = (
     "request",
+    "enqueue",
     "relay",
     "bare",
     "amqp",
     "batch",
     "latency",
     "wakeup",
+    "fanin",
     "backlog",
     "e2e",
     "ordering",

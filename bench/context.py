@@ -27,6 +27,9 @@ class Sizes:
     warmup_requests: int
     #: Consecutive requests of one variant before switching to the next.
     request_block: int
+    #: Rows per flush compared (enqueue), and transactions timed per variant per run.
+    flush_rows: tuple[int, ...]
+    flush_rounds: int
     #: Pending rows drained per run (relay throughput).
     relay_rows: int
     #: Rows per run of the relay-versus-loop comparison without task events.
@@ -42,6 +45,12 @@ class Sizes:
     #: Concurrent pgbench writers tried, and seconds per pgbench run (commit wake-up cost).
     wakeup_writers: tuple[int, ...]
     wakeup_seconds: float
+    #: pgbench writers, their total enqueue rate and for how long (many-writer latency).
+    fanin_writers: int
+    #: How many relay processes publish, in turn (many-writer latency).
+    fanin_relays: tuple[int, ...]
+    fanin_rate: float
+    fanin_seconds: float
     #: Dispatched rows beside the pending batch (backlog scaling), smallest first.
     backlog_levels: tuple[int, ...]
     #: Claims timed per backlog level per run, and per table of the ordering section.
@@ -71,6 +80,8 @@ FULL = Sizes(
     requests=300,
     warmup_requests=30,
     request_block=25,
+    flush_rows=(3, 30),
+    flush_rounds=300,
     relay_rows=50_000,
     bare_rows=20_000,
     amqp_rows=5_000,
@@ -80,6 +91,10 @@ FULL = Sizes(
     latency_seconds=10.0,
     wakeup_writers=(4, 16, 64),
     wakeup_seconds=8.0,
+    fanin_writers=16,
+    fanin_relays=(1, 2),
+    fanin_rate=2000.0,
+    fanin_seconds=8.0,
     backlog_levels=(0, 100_000, 1_000_000),
     claim_rounds=300,
     probe_levels=(0, 1_000_000),
@@ -97,6 +112,8 @@ QUICK = Sizes(
     requests=10,
     warmup_requests=2,
     request_block=5,
+    flush_rows=(3,),
+    flush_rounds=5,
     relay_rows=300,
     bare_rows=200,
     amqp_rows=200,
@@ -106,6 +123,10 @@ QUICK = Sizes(
     latency_seconds=1.0,
     wakeup_writers=(4,),
     wakeup_seconds=1.0,
+    fanin_writers=4,
+    fanin_relays=(1, 2),
+    fanin_rate=200.0,
+    fanin_seconds=1.0,
     backlog_levels=(0, 1_000, 10_000),
     claim_rounds=10,
     probe_levels=(0, 2_000),

@@ -32,6 +32,11 @@ def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[f
     return [n / d if d else math.nan for n, d in zip(numerators, denominators, strict=True)]
 
 
+def differences(minuends: Sequence[float], subtrahends: Sequence[float]) -> list[float]:
+    """Per-run differences of two interleaved series (what one variant adds to another)."""
+    return [m - s for m, s in zip(minuends, subtrahends, strict=True)]
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """What the issue asks of a figure, e.g. ``<= 0.8``, checked against its median."""

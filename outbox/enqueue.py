@@ -12,7 +12,6 @@ from celery import Celery, Task
 from celery.canvas import Signature
 from celery.exceptions import QueueNotFound
 from celery.result import AsyncResult
-from sqlalchemy import insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, scoped_session
 
@@ -28,8 +27,9 @@ from outbox.errors import (
 from outbox.idempotency import confirms_processing
 from outbox.options import resolve_options
 from outbox.ordering import check_key
-from outbox.schema import OutboxMessage, OutboxStatus, keys_table, outbox_table
+from outbox.schema import OutboxStatus, keys_table
 from outbox.serialization import encode
+from outbox.session_rows import add_row, insert_row
 from outbox.settings import OutboxSettings
 from outbox.stores import store_for
 from outbox.tracing import current_trace_headers
@@ -161,9 +161,9 @@ class TaskOutbox:
             if not holds_key:
                 values["status"] = OutboxStatus.HELD
         if isinstance(target, Connection):
-            target.execute(insert(outbox_table).values(values))
+            insert_row(target, values)
         else:
-            target.add(OutboxMessage(**values))
+            add_row(target, values)
         if self.observers:
             enqueued = EnqueuedTask(
                 task_id=str(task_id),

@@ -158,6 +158,12 @@ class Relay:
         self.committed_batches = 0
         self._next_maintenance: datetime | None = None
         self._server_checked = False
+        #: Whether a batch's connection is kept for the next batch instead of going back
+        #: to the pool. A relay loop keeps it: taking one from the pool costs a checkout
+        #: and, with ``pool_pre_ping``, a round trip, on the path from a commit to its
+        #: publish. A connection that failed is never kept.
+        self.keep_connection = False
+        self._kept_connection: Connection | None = None
         self._claim_statement = (
             select(*_CLAIM_COLUMNS)
             .where(_t.status == OutboxStatus.PENDING, _t.available_at <= _now)
@@ -172,9 +178,17 @@ class Relay:
         return self._clock()
 
     def close(self) -> None:
-        """Close the broker connection the publisher keeps (RabbitMQ's confirm channel);
-        the next batch would open a new one."""
+        """Close the broker connection the publisher keeps (RabbitMQ's confirm channel)
+        and return a kept database connection to the pool; the next batch would open
+        new ones."""
+        self.release_connection()
         self.publisher.close()
+
+    def release_connection(self) -> None:
+        """Return the kept database connection (``keep_connection``) to the pool."""
+        kept, self._kept_connection = self._kept_connection, None
+        if kept is not None:
+            kept.close()
 
     def __enter__(self) -> Relay:
         return self
@@ -184,18 +198,35 @@ class Relay:
 
     def run_once(self) -> BatchResult:
         """Claim, publish and mark at most one batch of due rows, in one transaction."""
-        with self.store.relay_connection(self.engine) as conn, conn.begin():
-            if not self._server_checked:
-                self.store.check_server(conn)
-                self._server_checked = True
-            rows = self._claim(conn)
-            if not rows:
-                return BatchResult()
-            outcome = self.publisher.publish(rows)
-            self._note_broker(outcome.broker_error)
-            now = self._clock()
-            self._mark_dispatched(conn, outcome, now)
-            dead = sum(self._record_failure(conn, row, error, now) for row, error in outcome.failed)
+        kept, self._kept_connection = self._kept_connection, None
+        conn = kept or self.store.relay_connection(self.engine)
+        try:
+            with conn.begin():
+                if not self._server_checked:
+                    self.store.check_server(conn)
+                    self._server_checked = True
+                rows = self._claim(conn)
+                if not rows:
+                    outcome = None
+                else:
+                    outcome = self.publisher.publish(rows)
+                    self._note_broker(outcome.broker_error)
+                    now = self._clock()
+                    self._mark_dispatched(conn, outcome, now)
+                    dead = sum(
+                        self._record_failure(conn, row, error, now) for row, error in outcome.failed
+                    )
+        except BaseException:
+            # Whatever went wrong, the next batch starts on a connection the pool hands
+            # out (and pings), not on one that may be broken.
+            conn.close()
+            raise
+        if self.keep_connection:
+            self._kept_connection = conn
+        else:
+            conn.close()
+        if outcome is None:
+            return BatchResult()
         self.committed_batches += 1
         if outcome.vanished_queues:
             self.confirmation.queues_deleted(outcome.vanished_queues, now)

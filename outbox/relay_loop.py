@@ -104,9 +104,12 @@ class RelayLoop:
             target=self._maintain_forever, name="outbox-relay-maintenance", daemon=True
         )
         maintenance.start()
+        self.relay.keep_connection = True
         try:
             self._loop(on_drain, on_ready)
         finally:
+            self.relay.keep_connection = False
+            self.relay.release_connection()
             self._stopping.set()
             maintenance.join(timeout=30)
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import delete, exists, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -53,9 +53,11 @@ QUIET_CHECK_INTERVAL = 0.001
 _l = listeners_table.c
 
 #: Transactions that hold a write lock on the outbox table: the writers that may have
-#: read the old state. ``virtualtransaction`` names one transaction of one session.
+#: read the old state. ``virtualtransaction`` names one transaction of one session. A
+#: relation's OID is unique only within its database, hence the database's.
 _WRITERS = text(
     "SELECT virtualtransaction FROM pg_locks WHERE locktype = 'relation'"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
     " AND relation = CAST(:table AS regclass) AND mode = 'RowExclusiveLock'"
     " AND pid <> pg_backend_pid()"
 ).bindparams(table=outbox_table.fullname)
@@ -102,7 +104,7 @@ class WakeupGate:
     interleaving with real writers.
     """
 
-    def __init__(self, conn: Connection, due: Any) -> None:
+    def __init__(self, conn: Connection, due: Callable[[], bool]) -> None:
         self.conn = conn
         self._due = due
         self.pid: int | None = None

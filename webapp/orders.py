@@ -56,30 +56,37 @@ def get_order(order_id: int) -> dict[str, Any]:
 
 @bp.post("/orders/<int:order_id>/confirm")
 def confirm_order(order_id: int) -> dict[str, Any]:
-    mark_confirmed(order_id)
+    order = mark_confirmed(order_id)
     tasks = {
         "notification": notify(order_id, OrderStatus.CONFIRMED),
         "reservation": outbox.delay(reserve_stock, order_id).id,
         "shipment": outbox.delay(prepare_shipment, order_id).id,
     }
-    db.session.commit()
-    return {**_order_json(_get_order(order_id)), "tasks": tasks}
+    return _commit_and_answer(order, tasks)
 
 
 @bp.post("/orders/<int:order_id>/ship")
 def ship_order(order_id: int) -> dict[str, Any]:
-    advance(order_id, OrderStatus.CONFIRMED, OrderStatus.SHIPPED, Order.shipped_at)
-    tasks = {"notification": notify(order_id, OrderStatus.SHIPPED)}
-    db.session.commit()
-    return {**_order_json(_get_order(order_id)), "tasks": tasks}
+    order = advance(order_id, OrderStatus.CONFIRMED, OrderStatus.SHIPPED, Order.shipped_at)
+    return _commit_and_answer(order, {"notification": notify(order_id, OrderStatus.SHIPPED)})
 
 
 @bp.post("/orders/<int:order_id>/deliver")
 def deliver_order(order_id: int) -> dict[str, Any]:
-    advance(order_id, OrderStatus.SHIPPED, OrderStatus.DELIVERED, Order.delivered_at)
-    tasks = {"notification": notify(order_id, OrderStatus.DELIVERED)}
+    order = advance(order_id, OrderStatus.SHIPPED, OrderStatus.DELIVERED, Order.delivered_at)
+    return _commit_and_answer(order, {"notification": notify(order_id, OrderStatus.DELIVERED)})
+
+
+def _commit_and_answer(order: Order, tasks: dict[str, str]) -> dict[str, Any]:
+    """Commit the step, answering with the order as the transaction left it.
+
+    The answer is built before the commit, from the row the UPDATE returned: reading the
+    order again after it would take a connection from the pool a second time (and ping
+    it), run one more SELECT and roll its transaction back at the request's end.
+    """
+    body = {**_order_json(order), "tasks": tasks}
     db.session.commit()
-    return {**_order_json(_get_order(order_id)), "tasks": tasks}
+    return body
 
 
 def notify(order_id: int, event: OrderStatus) -> str:
@@ -90,9 +97,9 @@ def notify(order_id: int, event: OrderStatus) -> str:
     return outbox.delay(notify_customer, order_id, event.value).id
 
 
-def mark_confirmed(order_id: int) -> None:
+def mark_confirmed(order_id: int) -> Order:
     """Confirm a pending order in the session's transaction, or raise 404 / 409."""
-    advance(order_id, OrderStatus.PENDING, OrderStatus.CONFIRMED, Order.confirmed_at)
+    return advance(order_id, OrderStatus.PENDING, OrderStatus.CONFIRMED, Order.confirmed_at)
 
 
 def advance(
@@ -100,29 +107,37 @@ def advance(
     current: OrderStatus,
     new: OrderStatus,
     stamp: InstrumentedAttribute[Any],
-) -> None:
-    """Move an order from ``current`` to ``new`` in the session's transaction, or raise
-    404 / 409.
+) -> Order:
+    """Move an order from ``current`` to ``new`` in the session's transaction and return
+    it, or raise 404 / 409.
 
     A conditional UPDATE is the state check and the lock in one statement: of two
-    concurrent requests exactly one sees a row change, so tasks are enqueued once.
+    concurrent requests exactly one sees a row change, so tasks are enqueued once. Where
+    the database has UPDATE … RETURNING (PostgreSQL, SQLite) it is the read too; MariaDB
+    and MySQL read the changed row after it, in the same transaction.
     """
     if order_id > MAX_ID:
         raise ApiError(404, "not_found", f"order {order_id} does not exist.")
-    changed = db.session.execute(
+    change = (
         update(Order)
         .where(Order.id == order_id, Order.status == current.value)
         .values({Order.status: new.value, stamp: utcnow()})
-    ).rowcount  # type: ignore[attr-defined]
-    if not changed:
-        order = _get_order(order_id)
-        db.session.rollback()
-        raise ApiError(
-            409,
-            "conflict",
-            f"order {order_id} is {order.status!r}; only a {current.value} order can be "
-            f"{new.value}.",
-        )
+    )
+    changed: Order | None
+    if db.session.get_bind().dialect.update_returning:
+        changed = db.session.scalars(change.returning(Order)).one_or_none()
+    else:
+        rows = db.session.execute(change).rowcount  # type: ignore[attr-defined]
+        changed = db.session.get(Order, order_id) if rows else None
+    if changed is not None:
+        return changed
+    order = _get_order(order_id)
+    db.session.rollback()
+    raise ApiError(
+        409,
+        "conflict",
+        f"order {order_id} is {order.status!r}; only a {current.value} order can be {new.value}.",
+    )
 
 
 def _get_order(order_id: int) -> Order:

@@ -63,12 +63,7 @@ _WAITING_LISTENERS = text("SELECT count(*) FROM celery_outbox_listeners WHERE wa
 
 
 def run(ctx: Context) -> list[Figure]:
-    pgbench = shutil.which("pgbench")
-    if pgbench is None:
-        raise RuntimeError(
-            "the wakeup section needs pgbench, from PostgreSQL's client tools "
-            "(e.g. the postgresql-client package)"
-        )
+    pgbench = find_pgbench(SECTION)
     writers = ctx.sizes.wakeup_writers
     seconds = _whole_seconds(ctx.sizes.wakeup_seconds)
     variants = [WAITING, EVERY, NONE]
@@ -89,7 +84,7 @@ def run(ctx: Context) -> list[Figure]:
         ).scalar_one()
     try:
         for scenario in scenarios:
-            relay = _start_relay(ctx) if scenario == RELAY_RUNNING else None
+            relay = start_waiting_relay(ctx) if scenario == RELAY_RUNNING else None
             try:
                 if relay is None and _listeners_waiting(ctx):
                     raise RuntimeError("writers only: a relay still says it waits on LISTEN")
@@ -216,9 +211,36 @@ def _define(conn: Connection, definition: str) -> None:
 def _pgbench(ctx: Context, pgbench: str, script: Path, writers: int, seconds: int) -> float:
     """One pgbench run of ``writers`` clients for ``seconds``: its transactions per second,
     connection set-up excluded."""
+    done = run_pgbench(ctx, pgbench, script, writers, ["-T", str(seconds)], seconds + 120)
+    found = _TPS.search(done.stdout)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(
+            f"pgbench ({writers} clients) exited with {done.returncode}"
+            + ("" if found else " and printed no tps line")
+            + f":\n{done.stderr[-4000:]}{done.stdout[-2000:]}"
+        )
+    return float(found.group(1))
+
+
+def find_pgbench(section: str) -> str:
+    """The pgbench on the PATH, or an error saying where it comes from."""
+    pgbench = shutil.which("pgbench")
+    if pgbench is None:
+        raise RuntimeError(
+            f"the {section} section needs pgbench, from PostgreSQL's client tools "
+            "(e.g. the postgresql-client package)"
+        )
+    return pgbench
+
+
+def run_pgbench(
+    ctx: Context, pgbench: str, script: Path, writers: int, options: list[str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """pgbench running ``script`` from ``writers`` clients on the run's database, with
+    ``options`` (how long, how fast), in the run's work directory; the password, if the
+    URL has one, in the environment rather than on the command line."""
     url = make_url(ctx.services.database_url)
-    args = [pgbench, "-n", "-f", str(script), "-c", str(writers), "-j", str(THREADS)]
-    args += ["-T", str(seconds)]
+    args = [pgbench, "-n", "-f", str(script), "-c", str(writers), "-j", str(THREADS), *options]
     if url.host:
         args += ["-h", url.host]
     if url.port:
@@ -230,35 +252,30 @@ def _pgbench(ctx: Context, pgbench: str, script: Path, writers: int, seconds: in
     env = dict(os.environ)
     if url.password:
         env["PGPASSWORD"] = str(url.password)
-    done = subprocess.run(
+    return subprocess.run(
         args,
         capture_output=True,
         text=True,
         env=env,
         cwd=ctx.services.work_dir,
-        timeout=seconds + 120,
+        timeout=timeout,
         check=False,
     )
-    found = _TPS.search(done.stdout)
-    if done.returncode != 0 or found is None:
-        raise RuntimeError(
-            f"pgbench ({writers} clients) exited with {done.returncode}"
-            + ("" if found else " and printed no tps line")
-            + f":\n{done.stderr[-4000:]}{done.stdout[-2000:]}"
-        )
-    return float(found.group(1))
 
 
-def _start_relay(ctx: Context) -> Child:
+def start_waiting_relay(ctx: Context, name: str = "relay-wakeup") -> Child:
+    """The example's relay process, once it says it waits on LISTEN (with any relays
+    already waiting)."""
+    waiting_before = _listeners_waiting(ctx)
     relay = Child(
-        "relay-wakeup",
+        name,
         [sys.executable, "-m", "flask", "--app", "webapp", "outbox", "relay"],
         ctx.services.work_dir,
     )
     try:
         _poll(
             relay,
-            lambda: _listeners_waiting(ctx) > 0,
+            lambda: _listeners_waiting(ctx) > waiting_before,
             START_TIMEOUT,
             "did not wait on LISTEN",
         )

@@ -80,11 +80,14 @@ class Store(ABC):
     _next_in_line_statements: ClassVar[dict[str, Insert]]
     #: The statements :meth:`update_one` runs, by update, built at first use.
     _row_updates: ClassVar[dict[RowUpdate, Update]]
+    #: The statements :meth:`insert_rows` runs, by table, built at first use.
+    _row_inserts: ClassVar[dict[Any, Any]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._next_in_line_statements = {}
         cls._row_updates = {}
+        cls._row_inserts = {}
 
     def check_server(self, conn: Connection) -> None:
         """Refuse, with :class:`~outbox.errors.UnsupportedDatabaseError`, a server too old
@@ -124,6 +127,23 @@ class Store(ABC):
     @abstractmethod
     def insert(self, table: Table) -> Any:
         """The dialect's INSERT for ``table``, with its ``ON CONFLICT`` support."""
+
+    def insert_rows(
+        self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """INSERT ``rows`` (dictionaries with the same keys) into ``table`` in ``conn``'s
+        transaction, in as few round trips as the driver allows.
+
+        Asking for the new ids, which nothing reads, makes SQLAlchemy send the rows as one
+        multi-row statement where the dialect can return them ("insertmanyvalues");
+        without it, a driver may send an executemany row by row.
+        """
+        statement = self._row_inserts.get(table.fullname)
+        if statement is None:
+            statement = self._row_inserts[table.fullname] = table.insert()
+        if conn.dialect.insert_executemany_returning:
+            statement = statement.returning(*table.primary_key.columns)
+        conn.execute(statement, list(rows))
 
     def upsert(
         self,

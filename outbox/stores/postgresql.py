@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import ColumnElement, String, Table, Update, cast, func, or_, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    String,
+    Table,
+    Text,
+    Update,
+    bindparam,
+    cast,
+    column,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy import type_coerce as coerce
 from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -19,6 +37,29 @@ from outbox.stores import Executor, Store
 _ASYNC_COMMIT = select(func.set_config("synchronous_commit", "off", True)).scalar_subquery()
 
 _WAKE = select(func.pg_notify(NOTIFY_CHANNEL, "")).where(text(SOME_RELAY_WAITING))
+
+
+def _recordset_insert(table: Table, columns: tuple[str, ...]) -> Insert:
+    """``INSERT INTO table (columns) SELECT columns FROM jsonb_to_recordset(:rows) AS
+    r(column type, ...)``, the types those of ``table``."""
+    rows = cast(bindparam("rows", type_=Text), JSONB)
+    record = (
+        func.jsonb_to_recordset(rows)
+        .table_valued(*(column(name, table.c[name].type) for name in columns))
+        .render_derived(name="r", with_types=True)
+    )
+    return insert(table).from_select(list(columns), select(*(record.c[n] for n in columns)))
+
+
+def _json_scalar(value: Any) -> Any:
+    """A row value JSON has no type for, as text PostgreSQL casts back to its column."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"{value!r} has no time zone: the outbox stores aware UTC times")
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"{value!r} ({type(value).__name__}) is not a value of an outbox column")
 
 
 class PostgresStore(Store):
@@ -63,6 +104,22 @@ class PostgresStore(Store):
 
     def insert(self, table: Table) -> Any:
         return pg_insert(table)
+
+    def insert_rows(
+        self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        # One parameter, the rows as a JSON array, unpacked by jsonb_to_recordset: the
+        # statement's text is the same for any number of rows, so psycopg parses it once
+        # and the server prepares it once. A VALUES list takes a parameter per column
+        # and row, and psycopg re-parses any statement with more than 50 of them on
+        # every call (about 1.5 ms for 30 rows here).
+        columns = tuple(rows[0])
+        statement = self._row_inserts.get((table.fullname, columns))
+        if statement is None:
+            statement = self._row_inserts[(table.fullname, columns)] = _recordset_insert(
+                table, columns
+            )
+        conn.execute(statement, {"rows": json.dumps(list(rows), default=_json_scalar)})
 
     def wake_relays(self, conn: Executor) -> None:
         # Delivered when the transaction commits, dropped if it rolls back, and sent only
