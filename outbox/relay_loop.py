@@ -197,11 +197,21 @@ class _ConnectedListener(_Listener):
         self._close()
 
     def _close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        # One SQLAlchemy saw fail is invalidated already: its driver connection is closed.
+        driver = None if conn.invalidated else conn.connection.dbapi_connection
+        try:
+            conn.close()
+        except Exception as e:
+            # close() rolls back first, which fails on a connection the server cut while
+            # it waited (the driver reads it directly, unseen by SQLAlchemy): close the
+            # driver's connection itself, and let the loop go on to poll and reconnect
+            # rather than die of it.
+            logger.debug("closing the lost listening connection: %s", e)
+            if driver is not None:
+                driver.close()
 
 
 class _DueRowsListener(_ConnectedListener):

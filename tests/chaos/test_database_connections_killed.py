@@ -133,3 +133,45 @@ def test_relay_survives_its_database_connections_being_terminated(
         kill_seconds=round(last_kill_at - started_at, 1),
         drain_seconds_after_last_kill=round(drained_at - last_kill_at, 1),
     )
+
+
+WAITING_LISTENERS = text("SELECT count(*) FROM celery_outbox_listeners WHERE waiting")
+LISTEN_LOST = "LISTEN connection lost"
+
+
+@pytest.mark.postgresql
+def test_a_waiting_relay_outlives_its_connections_being_terminated(
+    engine: Engine, celery_app: Celery, worker: str, tmp_path: Path
+) -> None:
+    """An idle relay, waiting on LISTEN, has its backends terminated (as a database
+    restart would): it logs the lost connection, polls, listens again, and publishes
+    what is committed after, every time."""
+    database_url = f"{os.environ['DATABASE_URL']}?application_name={APPLICATION_NAME}"
+
+    def waiting() -> bool:
+        with engine.connect() as conn:
+            return bool(conn.execute(WAITING_LISTENERS).scalar_one())
+
+    relay = start_relay("relay-idle-terminated", tmp_path, DATABASE_URL=database_url)
+    try:
+        published = []
+        for round_number in range(1, 4):
+            wait_for(lambda: not relay.alive or waiting(), timeout=30)
+            assert relay.alive, relay.log()
+            with engine.connect() as conn:
+                killed = sum(conn.execute(TERMINATE, {"name": APPLICATION_NAME}).scalars())
+            assert killed, "the relay had backends to terminate"
+            wait_for(
+                lambda n=round_number: not relay.alive or relay.log().count(LISTEN_LOST) >= n,
+                timeout=30,
+            )
+            assert relay.alive, relay.log()
+            [order] = enqueue_orders(engine, celery_app, reserve_stock, 1).committed
+            wait_for(lambda o=order: not relay.alive or o in effects_per_order(engine), timeout=30)
+            assert relay.alive, relay.log()
+            published.append(order)
+    finally:
+        relay.stop()
+    assert dict.fromkeys(published, 1) == {
+        order: count for order, count in effects_per_order(engine).items() if order in published
+    }
