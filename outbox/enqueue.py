@@ -113,9 +113,10 @@ class TaskOutbox:
 
         With ``ordering_key``, the task runs only after every task enqueued earlier with
         the same key has finished, in the order their transactions commit
-        (``outbox.ordering``). The key's row stays locked until the caller's transaction
-        ends, so enqueue ordered tasks last, just before the commit: another writer to
-        the same key waits for it. The task must be able to report that it finished: an
+        (``outbox.ordering``). The key's row is locked from the enqueue (on PostgreSQL
+        with a Session, from the flush that inserts the row) until the caller's
+        transaction ends, so enqueue ordered tasks last, just before the commit: another
+        writer to the same key waits for it. The task must be able to report that it finished: an
         idempotent consumer, or any task while lifecycle tracking is on
         (:class:`~outbox.OrderingNotTrackedError` otherwise).
         """
@@ -155,11 +156,15 @@ class TaskOutbox:
         }
         target = session if session is not None else self._session()
         if ordering_key is not None:
-            seq, holds_key = store_for(target).next_in_line(target, keys_table, ordering_key, now)
             values["ordering_key"] = ordering_key
-            values["ordering_seq"] = seq
-            if not holds_key:
-                values["status"] = OutboxStatus.HELD
+            store = store_for(target)
+            if isinstance(target, Connection) or not store.numbers_keys_at_flush:
+                seq, holds_key = store.next_in_line(target, keys_table, ordering_key, now)
+                values["ordering_seq"] = seq
+                if not holds_key:
+                    values["status"] = OutboxStatus.HELD
+            # Otherwise the flush's one statement takes the key's next numbers, and holds
+            # the key's row from then until the transaction ends (Store.insert_rows).
         if isinstance(target, Connection):
             insert_row(target, values)
         else:

@@ -8,11 +8,12 @@ before it has **finished**, and "before" means before in the order the enqueuing
 transactions **committed**:
 
 - Enqueueing an ordered task takes the key's next sequence number from its row in
-  ``celery_outbox_keys`` (:meth:`Store.next_in_line`). The row stays locked until the
-  enqueuing transaction ends, so a second writer to the same key waits for the first to
-  commit or roll back, and the numbers follow the commit order. Row ids do not: they
-  are handed out at INSERT, and a transaction that inserted first may commit last.
-  Writers to different keys never wait for each other.
+  ``celery_outbox_keys`` (:meth:`Store.next_in_line`; on PostgreSQL, for rows enqueued
+  into an ORM session, the flush's INSERT does, in ``Store.insert_rows``). The row stays
+  locked until the enqueuing transaction ends, so a second writer to the same key waits
+  for the first to commit or roll back, and the numbers follow the commit order. Row
+  ids do not: they are handed out at INSERT, and a transaction that inserted first may
+  commit last. Writers to different keys never wait for each other.
 - The task that holds its key is ``pending``, and published like any other: the claim
   is unchanged, and its plan too. The tasks behind it are ``held``, outside the claim's
   index, so a key with a long backlog costs the claim nothing.

@@ -73,6 +73,10 @@ class Store(ABC):
     #: Whether timestamps are stored without a time zone (as UTC): the database has no
     #: column type that keeps one.
     naive_timestamps: ClassVar[bool] = False
+    #: Whether :meth:`insert_rows` takes an ordering key's next numbers itself, for rows
+    #: that come without (``ordering_seq`` None), in the same statement as the INSERT: an
+    #: ordered enqueue into an ORM session then runs no statement of its own.
+    numbers_keys_at_flush: ClassVar[bool] = False
     #: The column types of the outbox's timestamps and task ids here.
     timestamp_type: ClassVar[TypeEngine[Any]] = DateTime(timezone=True)
     uuid_type: ClassVar[TypeEngine[Any]] = Uuid()

@@ -62,8 +62,61 @@ def _json_scalar(value: Any) -> Any:
     raise TypeError(f"{value!r} ({type(value).__name__}) is not a value of an outbox column")
 
 
+#: The flush's INSERT when some rows have an ordering key but no number yet: one
+#: statement that takes each key's next numbers (``Store.next_in_line``'s upsert, by the
+#: key's count of rows, keys in sorted order so that two writers lock them in one order)
+#: and inserts the rows with them, each key's rows numbered in their enqueue order. The
+#: first number of a key nobody holds holds it (pending); the others are held.
+_KEYED_INSERT = text(
+    """
+WITH r AS (
+    SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
+        n integer, task_id uuid, task_name varchar(255), args jsonb, kwargs jsonb,
+        options jsonb, status varchar(16), attempts integer,
+        created_at timestamp with time zone, available_at timestamp with time zone,
+        ordering_key varchar(255), ordering_seq bigint
+    )
+),
+wanted AS (
+    SELECT ordering_key AS key, count(*) AS taken, max(created_at) AS at
+    FROM r WHERE ordering_key IS NOT NULL AND ordering_seq IS NULL GROUP BY ordering_key
+),
+numbered AS (
+    INSERT INTO celery_outbox_keys AS k (key, last_seq, head_seq, head_since, updated_at)
+    SELECT key, taken, 1, at, at FROM wanted ORDER BY key
+    ON CONFLICT (key) DO UPDATE SET
+        head_since = CASE WHEN k.head_seq IS NULL THEN EXCLUDED.head_since
+                          ELSE k.head_since END,
+        head_seq = CASE WHEN k.head_seq IS NULL THEN k.last_seq + 1 ELSE k.head_seq END,
+        last_seq = k.last_seq + EXCLUDED.last_seq,
+        updated_at = EXCLUDED.updated_at
+    RETURNING k.key, k.last_seq, k.head_seq
+),
+placed AS (
+    SELECT r.*, numbered.head_seq,
+        numbered.last_seq - wanted.taken
+            + row_number() OVER (PARTITION BY r.ordering_key ORDER BY r.n) AS seq
+    FROM r
+    LEFT JOIN wanted ON wanted.key = r.ordering_key AND r.ordering_seq IS NULL
+    LEFT JOIN numbered ON numbered.key = wanted.key
+)
+INSERT INTO celery_outbox (
+    task_id, task_name, args, kwargs, options, status, attempts, created_at,
+    available_at, ordering_key, ordering_seq
+)
+SELECT task_id, task_name, args, kwargs, options,
+    CASE WHEN numbered_key AND seq <> head_seq THEN 'held' ELSE status END,
+    attempts, created_at, available_at, ordering_key,
+    CASE WHEN numbered_key THEN seq ELSE ordering_seq END
+FROM (SELECT placed.*, head_seq IS NOT NULL AS numbered_key FROM placed) AS p
+ORDER BY n
+"""
+)
+
+
 class PostgresStore(Store):
     name: ClassVar[str] = "postgresql"
+    numbers_keys_at_flush: ClassVar[bool] = True
     #: The outbox table's trigger notifies here when an inserting transaction commits.
     notify_channel: ClassVar[str | None] = NOTIFY_CHANNEL
 
@@ -108,6 +161,11 @@ class PostgresStore(Store):
     def insert_rows(
         self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]
     ) -> None:
+        if any(row.get("ordering_key") and row.get("ordering_seq") is None for row in rows):
+            # Outbox rows enqueued with an ordering key into an ORM session: numbered here.
+            numbered = [{**row, "n": place} for place, row in enumerate(rows)]
+            conn.execute(_KEYED_INSERT, {"rows": json.dumps(numbered, default=_json_scalar)})
+            return
         # One parameter, the rows as a JSON array, unpacked by jsonb_to_recordset: the
         # statement's text is the same for any number of rows, so psycopg parses it once
         # and the server prepares it once. A VALUES list takes a parameter per column

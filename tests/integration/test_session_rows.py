@@ -3,6 +3,7 @@ all with one statement, on every database the outbox supports (``store_engine``)
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,8 @@ from sqlalchemy.orm import Session
 
 from outbox import OutboxMessage, OutboxSettings, OutboxStatus, TaskOutbox, outbox_table
 from outbox.enqueue import EnqueuedTask
+from outbox.schema import keys_table
+from tests.services import lock_waiters, wait_for
 from tests.unit.conftest import memory_app
 
 _t = outbox_table.c
@@ -172,3 +175,89 @@ def test_every_value_an_enqueue_records_is_stored(store_engine: Engine, celery_a
     ]
     assert [1, None] == [row.ordering_seq for row in got]
     assert [OutboxStatus.PENDING, OutboxStatus.PENDING] == [row.status for row in got]
+
+
+def key_rows(engine: Engine) -> dict[str, tuple[int, int | None]]:
+    with engine.connect() as conn:
+        return {
+            key: (last, head)
+            for key, last, head in conn.execute(
+                select(keys_table.c.key, keys_table.c.last_seq, keys_table.c.head_seq)
+            )
+        }
+
+
+def test_ordered_rows_of_one_flush_are_numbered_in_enqueue_order(
+    store_engine: Engine, celery_app: Celery
+) -> None:
+    """Each key's rows take its next numbers in the order they were enqueued; the first
+    row of a key nobody holds holds it, the others wait behind it."""
+    tasks = TaskOutbox(celery_app, settings=OutboxSettings(track_lifecycle=True))
+    with Session(store_engine) as session:
+        for args, key in [(["a1"], "a"), (["a2"], "a"), (["free"], None), (["b1"], "b")]:
+            tasks.apply_async("rows.echo", args, session=session, ordering_key=key)
+        session.flush()
+        tasks.apply_async("rows.echo", ["a3"], session=session, ordering_key="a")
+        session.commit()
+    got = [(r.args[0], r.ordering_key, r.ordering_seq, r.status) for r in stored(store_engine)]
+    assert [
+        ("a1", "a", 1, OutboxStatus.PENDING),
+        ("a2", "a", 2, OutboxStatus.HELD),
+        ("free", None, None, OutboxStatus.PENDING),
+        ("b1", "b", 1, OutboxStatus.PENDING),
+        ("a3", "a", 3, OutboxStatus.HELD),
+    ] == got
+    assert {"a": (3, 1), "b": (1, 1)} == key_rows(store_engine)
+
+
+def test_rows_for_a_busy_key_all_wait(store_engine: Engine, celery_app: Celery) -> None:
+    tasks = TaskOutbox(celery_app, settings=OutboxSettings(track_lifecycle=True))
+    for batch in (["first"], ["second", "third"]):
+        with Session(store_engine) as session:
+            for arg in batch:
+                tasks.apply_async("rows.echo", [arg], session=session, ordering_key="k")
+            session.commit()
+    got = [(r.args[0], r.ordering_seq, r.status) for r in stored(store_engine)]
+    assert [
+        ("first", 1, OutboxStatus.PENDING),
+        ("second", 2, OutboxStatus.HELD),
+        ("third", 3, OutboxStatus.HELD),
+    ] == got
+    assert {"k": (3, 1)} == key_rows(store_engine)
+
+
+@pytest.mark.parametrize("first_commits", [True, False])
+def test_a_second_writer_to_a_key_waits_for_the_first_flush_to_end(
+    store_engine: Engine, celery_app: Celery, first_commits: bool
+) -> None:
+    """From its flush until it ends, a writer holds the key's row: another writer's flush
+    waits, then comes next (or takes the first number, if the first rolled back)."""
+    if store_engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has one writer: the second transaction cannot even start")
+    tasks = TaskOutbox(celery_app, settings=OutboxSettings(track_lifecycle=True))
+    done = threading.Event()
+
+    def second_writer() -> None:
+        with Session(store_engine) as session:
+            tasks.apply_async("rows.echo", ["second"], session=session, ordering_key="k")
+            session.commit()
+        done.set()
+
+    with Session(store_engine) as first:
+        tasks.apply_async("rows.echo", ["first"], session=first, ordering_key="k")
+        first.flush()
+        writer = threading.Thread(target=second_writer)
+        writer.start()
+        wait_for(lambda: lock_waiters(store_engine) > 0, timeout=10, interval=0.25)
+        assert not done.is_set(), "the second writer did not wait for the first"
+        if first_commits:
+            first.commit()
+        else:
+            first.rollback()
+    writer.join(10)
+    assert done.is_set()
+    got = [(r.args[0], r.ordering_seq, r.status) for r in stored(store_engine)]
+    if first_commits:
+        assert [("first", 1, OutboxStatus.PENDING), ("second", 2, OutboxStatus.HELD)] == got
+    else:
+        assert [("second", 1, OutboxStatus.PENDING)] == got
