@@ -34,6 +34,7 @@ SECTIONS = (
     "batch",
     "latency",
     "wakeup",
+    "wakeup_mariadb",
     "fanin",
     "backlog",
     "e2e",

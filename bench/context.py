@@ -45,6 +45,8 @@ class Sizes:
     #: Concurrent pgbench writers tried, and seconds per pgbench run (commit wake-up cost).
     wakeup_writers: tuple[int, ...]
     wakeup_seconds: float
+    #: INSERTs of one ``mariadb-slap`` run, all clients together (the MariaDB wake-up).
+    wakeup_mariadb_queries: int
     #: pgbench writers, their total enqueue rate and for how long (many-writer latency).
     fanin_writers: int
     #: How many relay processes publish, in turn (many-writer latency).
@@ -91,6 +93,7 @@ FULL = Sizes(
     latency_seconds=10.0,
     wakeup_writers=(4, 16, 64),
     wakeup_seconds=8.0,
+    wakeup_mariadb_queries=40_000,
     fanin_writers=16,
     fanin_relays=(1, 2),
     fanin_rate=2000.0,
@@ -123,6 +126,7 @@ QUICK = Sizes(
     latency_seconds=1.0,
     wakeup_writers=(4,),
     wakeup_seconds=1.0,
+    wakeup_mariadb_queries=400,
     fanin_writers=4,
     fanin_relays=(1, 2),
     fanin_rate=200.0,

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -52,11 +53,17 @@ class RelayLoop:
     tell a loop woken by a commit from one that polled.
     """
 
-    def __init__(self, relay: Relay, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+    def __init__(
+        self, relay: Relay, *, poll_interval: float = DEFAULT_POLL_INTERVAL, listen: bool = True
+    ) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval={poll_interval!r} must be > 0 seconds")
         self.relay = relay
         self.poll_interval = poll_interval
+        #: Whether it waits on the database's wake-ups (NOTIFY, due-row checks) or only
+        #: polls: beside a CDC relay, which is told of every commit, polling is enough
+        #: for the rows left to it, and no commit pays for waking it.
+        self.listen = listen
         self._stopping = threading.Event()
         self.waiting = threading.Event()
         self.wakeups: Counter[str] = Counter()
@@ -154,6 +161,8 @@ class RelayLoop:
                     self.waiting.clear()
 
     def _listener(self) -> _Listener:
+        if not self.listen:
+            return _Listener(self)
         channel = self.relay.store.notify_channel
         if channel is not None:
             return _NotifyListener(self, channel)
@@ -263,7 +272,7 @@ class _NotifyListener(_ConnectedListener):
         self.gate: WakeupGate | None = None
         #: Stood down: writers do not notify, this listener looks for rows itself.
         self.quiet = False
-        self._rate = _Rate()
+        self._rate = _Activity(self._last_id)
 
     def __enter__(self) -> _Listener:
         # LISTEN before the first drain, so nothing committed in between goes unnoticed.
@@ -284,14 +293,14 @@ class _NotifyListener(_ConnectedListener):
         return f"LISTEN {self.channel}, polling every {self.loop.poll_interval:g}s as well"
 
     def drained(self, result: DrainResult) -> None:
-        # Counted in tasks published, not notifications: a relay woken faster than it
-        # drains reads them one wake-up at a time, so their count says how fast it
-        # cycles, not how fast writers commit.
+        # Counted in tasks published and rows inserted, not notifications: a relay woken
+        # faster than it drains reads them one wake-up at a time, so their count says
+        # how fast it cycles, not how fast writers commit.
         rate = self._rate.add(result.published)
         if self.quiet:
-            if rate is not None and rate < CALM_RATE:
+            if rate is not None and rate.calm:
                 self.quiet = False
-        elif result.batches > 1 or (rate is not None and rate >= BUSY_RATE):
+        elif result.batches > 1 or (rate is not None and rate.busy):
             self._stand_down()
 
     def wait(self, timeout: float) -> str:
@@ -315,7 +324,7 @@ class _NotifyListener(_ConnectedListener):
             if self._due():
                 return "found"
             rate = self._rate.add(0)
-            if rate is not None and rate < CALM_RATE:
+            if rate is not None and rate.calm:
                 self.quiet = False
                 return self._wait_listening(remaining)
         return "timeout"
@@ -359,7 +368,7 @@ class _NotifyListener(_ConnectedListener):
     def _stand_down(self) -> None:
         self.quiet = True
         self.loop.stand_downs += 1
-        self._rate = _Rate()
+        self._rate = _Activity(self._last_id)
         if self.gate is not None and self._conn is not None:
             try:
                 self.gate.stand_down()
@@ -368,6 +377,15 @@ class _NotifyListener(_ConnectedListener):
 
     def _due(self) -> bool:
         return self.loop.relay.has_due_rows(self._conn)
+
+    def _last_id(self) -> int | None:
+        if self.gate is None or self._conn is None:
+            return None
+        try:
+            return self.gate.last_id()
+        except Exception as e:  # the next wait finds the connection broken
+            logger.debug("cannot read the rows inserted: %s", e)
+            return None
 
     def _connection(self) -> Any:
         if self._conn is not None:
@@ -393,21 +411,47 @@ class _NotifyListener(_ConnectedListener):
         return conn
 
 
-class _Rate:
-    """Events per second, over windows of at least ``WINDOW`` seconds."""
+@dataclass(frozen=True)
+class _Rates:
+    """Rows a second over one window: tasks the relay published, rows writers inserted
+    (``None`` where the listener cannot tell)."""
+
+    published: float
+    inserted: float | None
+
+    @property
+    def busy(self) -> bool:
+        return max(self.published, self.inserted or 0.0) >= BUSY_RATE
+
+    @property
+    def calm(self) -> bool:
+        return max(self.published, self.inserted or 0.0) < CALM_RATE
+
+
+class _Activity:
+    """Tasks published and rows inserted per second, over windows of at least ``WINDOW``
+    seconds; ``last_id`` (the table's id sequence, read once a window) tells the rows
+    inserted."""
 
     WINDOW = 0.1
 
-    def __init__(self) -> None:
+    def __init__(self, last_id: Callable[[], int | None]) -> None:
+        self._last_id = last_id
         self._started = time.monotonic()
         self._count = 0
+        self._first_id = last_id()
 
-    def add(self, count: int) -> float | None:
-        """Count ``count`` events; the rate of the window this closes, if it does."""
+    def add(self, count: int) -> _Rates | None:
+        """Count ``count`` tasks published; the rates of the window this closes, if it
+        does."""
         self._count += count
         elapsed = time.monotonic() - self._started
         if elapsed < self.WINDOW:
             return None
-        rate = self._count / elapsed
-        self._started, self._count = time.monotonic(), 0
-        return rate
+        last_id = self._last_id()
+        inserted = None
+        if last_id is not None and self._first_id is not None:
+            inserted = (last_id - self._first_id) / elapsed
+        rates = _Rates(self._count / elapsed, inserted)
+        self._started, self._count, self._first_id = time.monotonic(), 0, last_id
+        return rates

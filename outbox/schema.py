@@ -363,38 +363,86 @@ brokers_table = cast(Table, BrokerIdentity.__table__)
 #: The channel a committed enqueue notifies on PostgreSQL (see ``relay_loop``).
 NOTIFY_CHANNEL = "celery_outbox"
 
-#: Whether a relay waits on LISTEN now: what decides if a committing enqueue notifies.
-SOME_RELAY_WAITING = "EXISTS (SELECT FROM celery_outbox_listeners WHERE waiting)"
+#: How many relays wait on LISTEN now, kept by the relays (``outbox.wakeups``): what
+#: decides whether a committing enqueue notifies. A sequence, read with
+#: ``pg_sequence_last_value``, because that read takes no snapshot and runs no query: it
+#: fits in the trigger's ``WHEN`` clause, so an INSERT while nobody waits neither calls
+#: the trigger's function nor queues a trigger event. A table read there cost 64
+#: concurrent writers about 10 % of their rate (docs/benchmarks.md).
+WAITING_SEQUENCE = "celery_outbox_waiting"
 
-# One NOTIFY per INSERT statement, and only while a relay says it waits on LISTEN
-# (``outbox.wakeups``). PostgreSQL sends it when the inserting transaction commits (merged
-# with identical notifications of that transaction), so a rolled-back enqueue wakes
-# nobody. The condition is a plain read of a table of a few rows: it takes no lock but
-# the table's shared one, where NOTIFY would make the commit queue behind every other
-# notifying commit.
+#: Whether a relay waits on LISTEN now, as a SQL condition.
+SOME_RELAY_WAITING = f"pg_sequence_last_value('{WAITING_SEQUENCE}') > 0"
+
+# Readable by every role: a writer's INSERT evaluates the condition with its own rights,
+# and whether a relay waits is no secret. A value a crash leaves behind is corrected by
+# the next relay that registers (``WakeupGate.forget_gone``).
+_waiting_sequence = DDL(  # type: ignore[no-untyped-call]
+    f"""
+    CREATE SEQUENCE IF NOT EXISTS {WAITING_SEQUENCE} MINVALUE 0 START 0;
+    GRANT SELECT ON SEQUENCE {WAITING_SEQUENCE} TO PUBLIC
+    """
+).execute_if(dialect="postgresql")
+
+# One NOTIFY per INSERT statement, and only while a relay says it waits on LISTEN: the
+# condition is the trigger's WHEN, read as the statement ends, once the INSERT holds its
+# lock on the table (what the relay's check after announcing relies on). PostgreSQL
+# sends the NOTIFY when the inserting transaction commits (merged with identical
+# notifications of that transaction), so a rolled-back enqueue wakes nobody, and a NOTIFY
+# makes the commit queue behind every other notifying commit: hence the condition.
 _notify_function = DDL(  # type: ignore[no-untyped-call]
     f"""
     CREATE OR REPLACE FUNCTION celery_outbox_notify() RETURNS trigger
     LANGUAGE plpgsql AS $$
     BEGIN
-        IF {SOME_RELAY_WAITING} THEN
-            PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
-        END IF;
+        PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
         RETURN NULL;
     END $$
     """
 ).execute_if(dialect="postgresql")
-_notify_trigger = DDL(  # type: ignore[no-untyped-call]
-    """
+NOTIFY_TRIGGER = f"""
     CREATE TRIGGER celery_outbox_notify AFTER INSERT ON celery_outbox
-    FOR EACH STATEMENT EXECUTE FUNCTION celery_outbox_notify()
+    FOR EACH STATEMENT WHEN ({SOME_RELAY_WAITING}) EXECUTE FUNCTION celery_outbox_notify()
     """
-).execute_if(dialect="postgresql")
+_notify_trigger = DDL(NOTIFY_TRIGGER).execute_if(  # type: ignore[no-untyped-call]
+    dialect="postgresql"
+)
+event.listen(outbox_table, "after_create", _waiting_sequence)
 event.listen(outbox_table, "after_create", _notify_function)
 event.listen(outbox_table, "after_create", _notify_trigger)
-# Tables an earlier version made get the function that reads the listeners when their
-# table is added (``init-db`` on an existing database).
-event.listen(listeners_table, "after_create", _notify_function)
+
+#: Taken by whoever changes the listeners' rows and the sequence, for the rest of its
+#: transaction: two relays changing their state at once would otherwise each count the
+#: other's old state, and the later write could leave the sequence at 0 with a relay
+#: waiting. Writers never take it.
+LOCK_LISTENERS = "LOCK TABLE celery_outbox_listeners IN SHARE ROW EXCLUSIVE MODE"
+#: The sequence set from the listeners' rows, under ``LOCK_LISTENERS``.
+COUNT_WAITING = text(
+    "SELECT setval(CAST(:sequence AS regclass),"
+    " (SELECT count(*) FROM celery_outbox_listeners WHERE waiting), true)"
+).bindparams(sequence=WAITING_SEQUENCE)
+
+#: Whether the wake-up trigger is the current one (an earlier version's reads the
+#: listeners' table in its function, or notifies on every commit).
+_CURRENT_TRIGGER = text(
+    "SELECT count(*) FROM pg_trigger WHERE tgname = 'celery_outbox_notify'"
+    " AND tgrelid = CAST('celery_outbox' AS regclass)"
+    " AND strpos(pg_get_triggerdef(oid), :sequence) > 0"
+).bindparams(sequence=WAITING_SEQUENCE)
+
+
+def _current_wakeup(conn: Connection) -> None:
+    """Bring an earlier version's wake-up trigger up to date (what migration
+    ``outbox_0007`` does), so that ``create_tables`` on an existing database leaves it
+    as the models describe."""
+    if conn.dialect.name != "postgresql" or conn.execute(_CURRENT_TRIGGER).scalar_one():
+        return
+    conn.execute(_waiting_sequence)
+    conn.execute(_notify_function)
+    conn.exec_driver_sql("DROP TRIGGER IF EXISTS celery_outbox_notify ON celery_outbox")
+    conn.exec_driver_sql(NOTIFY_TRIGGER)
+    conn.exec_driver_sql(LOCK_LISTENERS)
+    conn.execute(COUNT_WAITING)
 
 
 def create_tables(bind: Engine | Connection) -> None:
@@ -405,3 +453,5 @@ def create_tables(bind: Engine | Connection) -> None:
         if store is not None:
             store.check_server(conn)
     metadata.create_all(bind, checkfirst=True)
+    with bind.begin() if isinstance(bind, Engine) else nullcontext(bind) as conn:
+        _current_wakeup(conn)

@@ -6,13 +6,18 @@ flush: with tens of writers at once, the wake-up caps the application's whole wr
 (measured in ``docs/benchmarks.md``). It is also needed least when it costs most: a relay
 with work to do drains in a loop and needs no wake-up at all.
 
-So the outbox table's trigger notifies only while a relay says it waits on LISTEN, a row
-of ``celery_outbox_listeners`` per listening relay (:class:`WakeupGate`). A relay:
+So the outbox table's trigger notifies only while a relay says it waits on LISTEN: each
+listening relay has a row in ``celery_outbox_listeners`` (:class:`WakeupGate`), and the
+sequence ``celery_outbox_waiting`` holds how many of them wait, the one value the
+trigger's ``WHEN`` reads (a read without a snapshot or a query, which costs writers
+nothing measurable). A relay:
 
 * **stands down** (``waiting = false``) while it is busy: draining a backlog, or
-  publishing more than ``BUSY_RATE`` tasks a second. It then looks for due rows itself
-  every ``QUIET_CHECK_INTERVAL`` (an index-only read) until it publishes fewer than
-  ``CALM_RATE`` a second;
+  publishing, or writers inserting, more than ``BUSY_RATE`` rows a second (rows inserted
+  count too: writers of delayed tasks would otherwise notify on every commit, for rows
+  the relay cannot publish yet). It then looks for due rows itself every
+  ``QUIET_CHECK_INTERVAL`` (an index-only read) until both rates fall below
+  ``CALM_RATE``;
 * **announces** (``waiting = true``) before it waits, then checks again, so that a row
   committed by a writer that read the old state is not left for the poll. A writer that
   read ``waiting = false`` may still be in its transaction; the check lists the
@@ -34,18 +39,20 @@ import os
 import socket
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, exists, func, select, text
+from sqlalchemy import Executable, delete, exists, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.clock import utcnow
-from outbox.schema import listeners_table, outbox_table
+from outbox.schema import COUNT_WAITING, LOCK_LISTENERS, listeners_table, outbox_table
 
-#: Tasks published per second above which notifications cost writers more than they save
-#: the relay: it stands down and looks for rows itself.
+#: Tasks published, or rows inserted, per second above which notifications cost writers
+#: more than they save the relay: it stands down and looks for rows itself.
 BUSY_RATE = 500.0
-#: Rows published per second below which a relay that stood down waits on LISTEN again.
+#: Rows published and inserted per second below which a relay that stood down waits on
+#: LISTEN again.
 CALM_RATE = 100.0
 #: How often a relay that stood down looks for a due row.
 QUIET_CHECK_INTERVAL = 0.001
@@ -61,6 +68,13 @@ _WRITERS = text(
     " AND relation = CAST(:table AS regclass) AND mode = 'RowExclusiveLock'"
     " AND pid <> pg_backend_pid()"
 ).bindparams(table=outbox_table.fullname)
+
+#: The outbox table's id sequence: how many rows writers have inserted, rolled back or
+#: not, read without a lock or a snapshot.
+_ID_SEQUENCE = text("SELECT pg_get_serial_sequence(:table, 'id')").bindparams(
+    table=outbox_table.fullname
+)
+_LAST_ID = text("SELECT pg_sequence_last_value(CAST(:sequence AS regclass))")
 
 _BACKEND_START = text("SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
 
@@ -107,6 +121,7 @@ class WakeupGate:
     def __init__(self, conn: Connection, due: Callable[[], bool]) -> None:
         self.conn = conn
         self._due = due
+        self._id_sequence: str | None = None
         self.pid: int | None = None
         self._started: datetime | None = None
         self.waiting = False
@@ -115,10 +130,11 @@ class WakeupGate:
 
     def register(self) -> None:
         """Add this relay's row, not waiting; delete the rows of listeners now gone."""
-        self.conn.execute(_FORGET_GONE)
         self.pid = int(self.conn.execute(select(func.pg_backend_pid())).scalar_one())
         self._started = self.conn.execute(_BACKEND_START).scalar_one()
-        self._set_waiting(False)
+        self._id_sequence = self.conn.execute(_ID_SEQUENCE).scalar_one()
+        self._change(_FORGET_GONE, self._upsert(waiting=False))
+        self.waiting = False
 
     def announce(self) -> bool:
         """Say this relay waits, then check: whether a row is due. Writers that may have
@@ -146,18 +162,30 @@ class WakeupGate:
         self.in_flight = frozenset()
         self._set_waiting(False)
 
+    def last_id(self) -> int:
+        """The last id writers took for a row (0 before the first): its growth over time
+        is their insert rate, whether or not anyone notifies."""
+        if self._id_sequence is None:
+            return 0
+        value = self.conn.execute(_LAST_ID, {"sequence": self._id_sequence}).scalar_one()
+        return int(value or 0)
+
     def forget_gone(self) -> int:
         """Delete the rows of listeners whose connection is gone; how many."""
-        return int(self.conn.execute(_FORGET_GONE).rowcount or 0)
+        return self._change(_FORGET_GONE)
 
     def unregister(self) -> None:
         if self.pid is not None:
-            self.conn.execute(delete(listeners_table).where(_l.pid == self.pid))
+            self._change(delete(listeners_table).where(_l.pid == self.pid))
             self.pid = None
 
     def _set_waiting(self, waiting: bool) -> None:
         if self.pid is None:
             raise RuntimeError("register() the listener before announcing it")
+        self._change(self._upsert(waiting))
+        self.waiting = waiting
+
+    def _upsert(self, waiting: bool) -> Executable:
         # An upsert, so a row deleted meanwhile (by hand, or taken for a gone listener's)
         # comes back rather than leaving this relay unannounced.
         row = {
@@ -167,12 +195,27 @@ class WakeupGate:
             "waiting": waiting,
             "updated_at": utcnow(),
         }
-        self.conn.execute(
+        return (
             pg_insert(listeners_table)
             .values(row)
             .on_conflict_do_update(index_elements=[_l.pid], set_=row)
         )
-        self.waiting = waiting
+
+    def _change(self, *statements: Executable) -> int:
+        """Run ``statements`` on the listeners' rows, then set the sequence writers read
+        from them, in one transaction under ``LOCK_LISTENERS``; the rows the statements
+        changed. The sequence's new value is visible to writers at once, before the
+        transaction commits: announcing relies on that, by listing writers only after."""
+        driver: Any = self.conn.connection.dbapi_connection
+        changed = 0
+        # The connection is in autocommit (LISTEN, and the checks' reads): psycopg's
+        # transaction block wraps these few statements alone.
+        with driver.transaction():
+            self.conn.exec_driver_sql(LOCK_LISTENERS)
+            for statement in statements:
+                changed += self.conn.execute(statement).rowcount or 0
+            self.conn.execute(COUNT_WAITING)
+        return changed
 
     def _writers(self) -> frozenset[str]:
         return frozenset(self.conn.execute(_WRITERS).scalars())

@@ -151,7 +151,7 @@ def _measure(
         if variant == RELAY:
             _wait_until_listening(ctx, publisher)
         elif variant == MARIADB:
-            _wait_until_ready(publisher)
+            wait_until_ready(publisher)
         else:
             publisher.expect("ready")
         watcher.expect("ready")
@@ -197,7 +197,7 @@ def _warm_up(ctx: Context, engine: Engine, outbox: TaskOutbox, task: Any, timeou
     empty_queue(ctx.redis)
 
 
-def _wait_until_ready(relay: Child, timeout: float = 60) -> None:
+def wait_until_ready(relay: Child, timeout: float = 60) -> None:
     """The relay says it is ready once it has drained and waits: from then on its checks
     see every commit."""
     deadline = time.monotonic() + timeout

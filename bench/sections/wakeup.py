@@ -7,9 +7,12 @@ while a relay waits on LISTEN (``outbox.wakeups``). Each run is ``pgbench`` comm
 INSERT of a pending outbox row per transaction from concurrent clients, on the bench's own
 database, with the trigger as one of:
 
-- ``notify while a relay waits``: the function as ``init_db`` made it (the current code);
-- ``notify on every commit``: the previous function, ``pg_notify`` unconditionally;
-- ``no wake-up``: the trigger disabled, the ceiling the other two are compared with.
+- ``notify while a relay waits``: the trigger as ``init_db`` made it (the current code):
+  its ``WHEN`` reads the count of waiting relays from a sequence;
+- ``function reads the listeners``: the design of 2026-12-03, the trigger's function
+  reading ``celery_outbox_listeners`` on every INSERT (the alternative it replaced);
+- ``notify on every commit``: the first design, ``pg_notify`` unconditionally;
+- ``no wake-up``: no trigger, the ceiling the others are compared with.
 
 Twice: with no relay running (writers only: nobody waits, so the current function never
 notifies), and with the example's ``flask --app webapp outbox relay`` running, which waits
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Connection, make_url, text
@@ -37,6 +41,7 @@ from bench.results import RATIO, Figure, Target, ratios
 
 SECTION = "wakeup"
 WAITING, EVERY, NONE = "notify while a relay waits", "notify on every commit", "no wake-up"
+TABLE = "function reads the listeners"
 WRITERS_ONLY, RELAY_RUNNING = "writers only", "relay running"
 #: pgbench threads, whatever the number of clients.
 THREADS = 2
@@ -50,6 +55,10 @@ _SCRIPT = (
     "deliveries, created_at, available_at, task_runs) VALUES (gen_random_uuid(), "
     "'orders.notify_customer', '[1]', '{}', '{}', 'pending', 0, 0, now(), now(), 0);\n"
 )
+_PLAIN_TRIGGER = (
+    "CREATE TRIGGER celery_outbox_notify AFTER INSERT ON celery_outbox"
+    " FOR EACH STATEMENT EXECUTE FUNCTION celery_outbox_notify()"
+)
 _EVERY_COMMIT = """
 CREATE OR REPLACE FUNCTION celery_outbox_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -58,7 +67,22 @@ BEGIN
     RETURN NULL;
 END $$
 """
+_READ_LISTENERS = """
+CREATE OR REPLACE FUNCTION celery_outbox_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT FROM celery_outbox_listeners WHERE waiting) THEN
+        PERFORM pg_notify('celery_outbox', '');
+    END IF;
+    RETURN NULL;
+END $$
+"""
 _TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)$", re.MULTILINE)
+#: pgbench's ``-P 1`` report of one second.
+_PROGRESS = re.compile(r"^progress: [0-9.]+ s, ([0-9.]+) tps", re.MULTILINE)
+#: Seconds of a run left out of its steady rate: long enough for a relay that nobody wakes
+#: to reach its first poll (1 s) and stand down, as a woken one does at once.
+SETTLING = 2
 _WAITING_LISTENERS = text("SELECT count(*) FROM celery_outbox_listeners WHERE waiting")
 
 
@@ -66,11 +90,15 @@ def run(ctx: Context) -> list[Figure]:
     pgbench = find_pgbench(SECTION)
     writers = ctx.sizes.wakeup_writers
     seconds = _whole_seconds(ctx.sizes.wakeup_seconds)
-    variants = [WAITING, EVERY, NONE]
+    variants = [WAITING, TABLE, EVERY, NONE]
     scenarios = [WRITERS_ONLY, RELAY_RUNNING]
     tps: dict[str, dict[int, dict[str, list[float]]]] = {
         scenario: {count: {variant: [] for variant in variants} for count in writers}
         for scenario in scenarios
+    }
+    #: With the relay running: the writers' rate once the relay drains in every variant.
+    steady: dict[int, dict[str, list[float]]] = {
+        count: {variant: [] for variant in variants} for count in writers
     }
     #: With the relay running: the tasks it published per second while pgbench ran.
     published: dict[int, dict[str, list[float]]] = {
@@ -79,9 +107,17 @@ def run(ctx: Context) -> list[Figure]:
     script = ctx.services.work_dir / "wakeup-insert.sql"
     script.write_text(_SCRIPT)
     with ctx.engine.connect() as conn:
-        original: str = conn.execute(
-            text("SELECT pg_get_functiondef('celery_outbox_notify'::regproc)")
-        ).scalar_one()
+        original = _Trigger(
+            function=conn.execute(
+                text("SELECT pg_get_functiondef('celery_outbox_notify'::regproc)")
+            ).scalar_one(),
+            trigger=conn.execute(
+                text(
+                    "SELECT pg_get_triggerdef(oid) FROM pg_trigger"
+                    " WHERE tgname = 'celery_outbox_notify'"
+                )
+            ).scalar_one(),
+        )
     try:
         for scenario in scenarios:
             relay = start_waiting_relay(ctx) if scenario == RELAY_RUNNING else None
@@ -98,9 +134,12 @@ def run(ctx: Context) -> list[Figure]:
                             _set_variant(ctx, variant, original)
                             empty_tables(ctx.engine)
                             empty_queue(ctx.redis)
-                            rate = _pgbench(ctx, pgbench, script, count, seconds)
+                            rate, each = _pgbench(ctx, pgbench, script, count, seconds)
                             tps[scenario][count][variant].append(rate)
                             if relay is not None:
+                                # A run too short to settle (--quick) counts whole.
+                                after = each[SETTLING:] or [rate]
+                                steady[count][variant].append(sum(after) / len(after))
                                 sent = count_status(ctx.engine, "dispatched") / seconds
                                 published[count][variant].append(sent)
                                 _wait_until_idle(ctx, relay)
@@ -122,6 +161,9 @@ def run(ctx: Context) -> list[Figure]:
             scenario: {str(count): dict(by_variant) for count, by_variant in by_writers.items()}
             for scenario, by_writers in tps.items()
         },
+        "relay_running_steady_tps": {
+            str(count): dict(by_variant) for count, by_variant in steady.items()
+        },
         "relay_published_per_second": {
             str(count): dict(by_variant) for count, by_variant in published.items()
         },
@@ -142,16 +184,25 @@ def run(ctx: Context) -> list[Figure]:
                     target=Target.at_least(0.9, RATIO),
                 )
             )
-            figures.append(
+            figures.extend(
                 Figure(
                     SECTION,
-                    f"{label}: ratio {EVERY} / {NONE}",
+                    f"{label}: ratio {variant} / {NONE}",
                     RATIO,
-                    ratios(rates[EVERY], rates[NONE]),
+                    ratios(rates[variant], rates[NONE]),
                 )
+                for variant in (TABLE, EVERY)
             )
             if scenario == RELAY_RUNNING:
                 figures.extend(_relay_figures(label, rates, published[count]))
+                figures.append(
+                    Figure(
+                        SECTION,
+                        f"{label}, from second {SETTLING + 1}: ratio {WAITING} / {NONE}",
+                        RATIO,
+                        ratios(steady[count][WAITING], steady[count][NONE]),
+                    )
+                )
     figures[0].note = shape
     relay_first = next(f for f in figures if RELAY_RUNNING in f.name)
     relay_first.note = "flask outbox relay running, idle (waiting on LISTEN) as each run starts"
@@ -188,17 +239,26 @@ def _whole_seconds(seconds: float) -> int:
     return max(1, round(seconds))
 
 
-def _set_variant(ctx: Context, variant: str, original: str) -> None:
+@dataclass(frozen=True)
+class _Trigger:
+    """The wake-up as ``init_db`` made it: its function's and its trigger's definitions."""
+
+    function: str
+    trigger: str
+
+
+def _set_variant(ctx: Context, variant: str, original: _Trigger) -> None:
     with ctx.engine.begin() as conn:
-        if variant == NONE:
-            _define(conn, original)
-            conn.execute(text("ALTER TABLE celery_outbox DISABLE TRIGGER celery_outbox_notify"))
-            return
-        _define(conn, original if variant == WAITING else _EVERY_COMMIT)
-        conn.execute(text("ALTER TABLE celery_outbox ENABLE TRIGGER celery_outbox_notify"))
+        conn.execute(text("DROP TRIGGER IF EXISTS celery_outbox_notify ON celery_outbox"))
+        if variant == WAITING:
+            _define(conn, original.function)
+            _define(conn, original.trigger)
+        elif variant in (TABLE, EVERY):
+            _define(conn, _READ_LISTENERS if variant == TABLE else _EVERY_COMMIT)
+            _define(conn, _PLAIN_TRIGGER)
 
 
-def _restore(ctx: Context, original: str) -> None:
+def _restore(ctx: Context, original: _Trigger) -> None:
     """The function and trigger as ``init_db`` left them."""
     _set_variant(ctx, WAITING, original)
 
@@ -208,18 +268,22 @@ def _define(conn: Connection, definition: str) -> None:
     conn.exec_driver_sql(definition)
 
 
-def _pgbench(ctx: Context, pgbench: str, script: Path, writers: int, seconds: int) -> float:
+def _pgbench(
+    ctx: Context, pgbench: str, script: Path, writers: int, seconds: int
+) -> tuple[float, list[float]]:
     """One pgbench run of ``writers`` clients for ``seconds``: its transactions per second,
-    connection set-up excluded."""
-    done = run_pgbench(ctx, pgbench, script, writers, ["-T", str(seconds)], seconds + 120)
+    connection set-up excluded, and those of each second."""
+    options = ["-T", str(seconds), "-P", "1"]
+    done = run_pgbench(ctx, pgbench, script, writers, options, seconds + 120)
     found = _TPS.search(done.stdout)
+    each = [float(rate) for rate in _PROGRESS.findall(done.stderr)]
     if done.returncode != 0 or found is None:
         raise RuntimeError(
             f"pgbench ({writers} clients) exited with {done.returncode}"
             + ("" if found else " and printed no tps line")
             + f":\n{done.stderr[-4000:]}{done.stdout[-2000:]}"
         )
-    return float(found.group(1))
+    return float(found.group(1)), each
 
 
 def find_pgbench(section: str) -> str:

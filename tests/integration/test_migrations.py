@@ -37,6 +37,11 @@ SCHEMA_QUERIES = {
                       WHERE conrelid::regclass::text LIKE 'celery_outbox%' ORDER BY 1""",
     "triggers": """SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger
                    WHERE NOT tgisinternal ORDER BY 1""",
+    "functions": r"""SELECT proname, btrim(regexp_replace(prosrc, '\s+', ' ', 'g'))
+                     FROM pg_proc WHERE proname LIKE 'celery_outbox%' ORDER BY 1""",
+    "sequences": """SELECT c.relname, s.seqstart, s.seqmin, c.relacl::text
+                    FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid
+                    WHERE c.relname LIKE 'celery_outbox%' ORDER BY 1""",
 }
 
 
@@ -83,7 +88,8 @@ def describe(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
 def test_migrations_equal_the_models_on_postgres(
     engine: Engine, scratch_database: Engine, tmp_path: Path
 ) -> None:
-    """Columns, defaults, partial indexes, constraints and the NOTIFY trigger all match."""
+    """Columns, defaults, partial indexes, constraints, the NOTIFY trigger, its function and
+    the sequence it reads all match."""
     migrate(scratch_database, tmp_path)
     # ``engine`` is this run's database, built from the models by init-db.
     assert describe(engine) == describe(scratch_database)

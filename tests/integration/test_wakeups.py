@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -27,12 +27,18 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from outbox import OutboxStatus, Relay, TaskOutbox
 from outbox.relay_loop import RelayLoop
-from outbox.schema import NOTIFY_CHANNEL, listeners_table, outbox_table
+from outbox.schema import (
+    NOTIFY_CHANNEL,
+    WAITING_SEQUENCE,
+    create_tables,
+    listeners_table,
+    outbox_table,
+)
 from outbox.wakeups import WakeupGate, listening_connection
 from tests.services import wait_for
 
@@ -47,12 +53,17 @@ MARKER = "marker"
 
 @pytest.fixture
 def listeners(postgres_engine: Engine) -> Iterator[None]:
-    """No listener rows but the test's own (a relay of an earlier test may have left one)."""
-    with postgres_engine.begin() as conn:
-        conn.execute(delete(listeners_table))
+    """No listener rows but the test's own (a relay of an earlier test may have left one),
+    and a count of waiting listeners to match."""
+    clear_listeners(postgres_engine)
     yield
-    with postgres_engine.begin() as conn:
+    clear_listeners(postgres_engine)
+
+
+def clear_listeners(engine: Engine) -> None:
+    with engine.begin() as conn:
         conn.execute(delete(listeners_table))
+        conn.exec_driver_sql(f"SELECT setval('{WAITING_SEQUENCE}', 0, true)")
 
 
 class Listener:
@@ -256,6 +267,69 @@ def test_the_row_of_a_listener_gone_is_forgotten(
         other.close()
 
 
+def waiting_count(engine: Engine) -> int | None:
+    """What the trigger's WHEN reads: the sequence the relays keep."""
+    with engine.connect() as conn:
+        value = conn.execute(text(f"SELECT pg_sequence_last_value('{WAITING_SEQUENCE}')"))
+        return value.scalar_one()
+
+
+def test_the_sequence_counts_the_waiting_listeners(
+    postgres_engine: Engine, celery_app: Celery, listeners: None, writer: Writer
+) -> None:
+    """Each relay's announcement, stand-down, exit or death moves the one value writers
+    read, so it says how many relays wait whatever the others do meanwhile."""
+    first = Listener(postgres_engine, celery_app)
+    second = Listener(postgres_engine, celery_app)
+    try:
+        assert 0 == waiting_count(postgres_engine)
+        first.gate.announce()
+        second.gate.announce()
+        assert 2 == waiting_count(postgres_engine)
+        second.gate.stand_down()
+        assert 1 == waiting_count(postgres_engine)
+        second.gate.unregister()
+        first.gate.announce()
+        assert 1 == waiting_count(postgres_engine)
+        pid = first.gate.pid
+        first.conn.close()  # dies waiting: its row and the count stay behind
+        wait_for(lambda: not backend_alive(postgres_engine, pid))
+        assert 1 == waiting_count(postgres_engine)
+        assert 1 == second.gate.forget_gone()
+        assert 0 == waiting_count(postgres_engine)
+        writer.insert()
+        writer.commit()
+        assert 0 == second.notified_since(postgres_engine), "nobody waits any more"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_create_tables_brings_an_earlier_wakeup_trigger_up_to_date(
+    postgres_engine: Engine, listener: Listener, writer: Writer
+) -> None:
+    """The trigger an earlier version made (a function reading the listeners' table on
+    every INSERT) is replaced, and the count set from the rows of relays waiting now."""
+    listener.gate.announce()
+    with postgres_engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER celery_outbox_notify ON celery_outbox")
+        conn.exec_driver_sql(
+            "CREATE TRIGGER celery_outbox_notify AFTER INSERT ON celery_outbox"
+            " FOR EACH STATEMENT EXECUTE FUNCTION celery_outbox_notify()"
+        )
+        conn.exec_driver_sql(f"SELECT setval('{WAITING_SEQUENCE}', 0, true)")
+    create_tables(postgres_engine)
+    with postgres_engine.connect() as conn:
+        definition = conn.exec_driver_sql(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'celery_outbox_notify'"
+        ).scalar_one()
+    assert f"WHEN ((pg_sequence_last_value('{WAITING_SEQUENCE}'::regclass) > 0))" in definition
+    assert 1 == waiting_count(postgres_engine)
+    writer.insert()
+    writer.commit()
+    assert 1 == listener.notified_since(postgres_engine)
+
+
 def backend_alive(engine: Engine, pid: int | None) -> bool:
     with engine.connect() as conn:
         return bool(
@@ -278,7 +352,7 @@ class WakeupMachine(RuleBasedStateMachine):
         super().__init__()
         with self.engine.begin() as conn:
             conn.execute(delete(outbox_table))
-            conn.execute(delete(listeners_table))
+        clear_listeners(self.engine)
         self.listener = Listener(self.engine, self.celery_app)
         self.writers = [Writer(self.engine) for _ in range(self.WRITERS)]
         self.listening = False
@@ -397,3 +471,60 @@ def test_a_busy_relay_stands_down_and_waits_again_once_calm(
         redis_client.delete(queue)
     assert not thread.is_alive()
     assert waiting_rows(postgres_engine) == [], "a relay that stops removes its row"
+
+
+def test_writers_of_delayed_rows_stand_a_listening_relay_down(
+    postgres_engine: Engine, celery_app: Celery, listeners: None
+) -> None:
+    """Rows not yet due publish nothing, but each commit would notify the waiting relay:
+    it counts the rows inserted (the table's id sequence) as well as those it publishes,
+    stands down while writers insert fast, and waits on LISTEN again once they stop."""
+    relay = Relay(postgres_engine, celery_app)
+    loop = RelayLoop(relay, poll_interval=600)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: waiting_rows(postgres_engine) == [True])
+        later = datetime.now(UTC) + timedelta(hours=1)
+        inserted = 0
+        # Writers keep inserting, 100 rows a commit, until the relay has seen enough of
+        # them (a window of its rates is 0.1 s): bounded by a count, not a time.
+        for _ in range(2000):
+            with postgres_engine.begin() as conn:
+                conn.execute(insert(outbox_table), [delayed_row(later) for _ in range(100)])
+            inserted += 100
+            if loop.stand_downs:
+                break
+        assert 1 == loop.stand_downs
+        assert inserted == still_pending(postgres_engine, later), "nothing was due"
+        wait_for(lambda: waiting_rows(postgres_engine) == [True])
+        assert 1 == waiting_count(postgres_engine), "writers notify again"
+    finally:
+        loop.stop()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def delayed_row(available_at: datetime) -> dict[str, object]:
+    return {
+        "task_id": uuid.uuid4(),
+        "task_name": "orders.notify_customer",
+        "args": [1],
+        "kwargs": {},
+        "options": {},
+        "status": OutboxStatus.PENDING,
+        "attempts": 0,
+        "created_at": datetime.now(UTC),
+        "available_at": available_at,
+    }
+
+
+def still_pending(engine: Engine, available_at: datetime) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count())
+                .where(_t.status == OutboxStatus.PENDING)
+                .where(_t.available_at == available_at)
+            ).scalar_one()
+        )
