@@ -35,6 +35,7 @@ SECTIONS = (
     "latency",
     "wakeup",
     "wakeup_mariadb",
+    "cdc",
     "fanin",
     "backlog",
     "e2e",

@@ -47,6 +47,9 @@ class Sizes:
     wakeup_seconds: float
     #: INSERTs of one ``mariadb-slap`` run, all clients together (the MariaDB wake-up).
     wakeup_mariadb_queries: int
+    #: Rows of the CDC section's backlog, and single-row commits of its driver comparison.
+    cdc_backlog_rows: int
+    cdc_driver_commits: int
     #: pgbench writers, their total enqueue rate and for how long (many-writer latency).
     fanin_writers: int
     #: How many relay processes publish, in turn (many-writer latency).
@@ -94,6 +97,8 @@ FULL = Sizes(
     wakeup_writers=(4, 16, 64),
     wakeup_seconds=8.0,
     wakeup_mariadb_queries=40_000,
+    cdc_backlog_rows=20_000,
+    cdc_driver_commits=200,
     fanin_writers=16,
     fanin_relays=(1, 2),
     fanin_rate=2000.0,
@@ -127,6 +132,8 @@ QUICK = Sizes(
     wakeup_writers=(4,),
     wakeup_seconds=1.0,
     wakeup_mariadb_queries=400,
+    cdc_backlog_rows=200,
+    cdc_driver_commits=10,
     fanin_writers=4,
     fanin_relays=(1, 2),
     fanin_rate=200.0,

@@ -32,6 +32,8 @@ from sqlalchemy import Engine, create_engine, make_url, select
 from sqlalchemy.exc import ArgumentError
 
 from outbox.brokers import BrokerProbe, probe_for
+from outbox.cdc_relay import CdcRelay
+from outbox.cdc_slot import DEFAULT_PUBLICATION, DEFAULT_SLOT, CdcSlot
 from outbox.clock import utcnow
 from outbox.dead_letters import retry_dead
 from outbox.errors import OutboxError
@@ -104,9 +106,19 @@ def flower_task_url(config: Mapping[str, Any], task_id: object) -> str | None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="A file touched after every drain, for liveness probes (its age is the loop's).",
 )
+@click.option(
+    "--cdc",
+    is_flag=True,
+    help="PostgreSQL: stream committed enqueues from a logical replication slot (needs "
+    "wal_level=logical and a role with REPLICATION), polling only for the rest.",
+)
 @pass_operations
 def relay_command(
-    ops: Operations, poll_interval: float, metrics_port: int | None, heartbeat: Path | None
+    ops: Operations,
+    poll_interval: float,
+    metrics_port: int | None,
+    heartbeat: Path | None,
+    cdc: bool,
 ) -> None:
     """Publish committed tasks as they commit (LISTEN/NOTIFY on PostgreSQL), until SIGTERM."""
     if not logging.getLogger().handlers:
@@ -131,7 +143,10 @@ def relay_command(
                 result.dead,
             )
 
-    loop = RelayLoop(relay, poll_interval=poll_interval)
+    stream = _start_cdc(ops) if cdc else None
+    # Beside a stream, polling is only for what the stream leaves (delays, ordering
+    # keys, retries): no commit needs to wake it.
+    loop = RelayLoop(relay, poll_interval=poll_interval, listen=stream is None)
     if metrics_port is not None:
         register_outbox_collector(lambda: relay.engine, relay.now)
         start_http_server(metrics_port)
@@ -145,6 +160,8 @@ def relay_command(
                 f"relay: {signal.Signals(signum).name} received, finishing the current batch"
             )
             loop.stop()
+            if stream is not None:
+                stream.relay.stop()
 
         threading.Thread(target=stop_loop, name="relay-stop").start()
 
@@ -154,11 +171,85 @@ def relay_command(
         "relay: publishing from "
         f"{relay.engine.url.render_as_string(hide_password=True)} to {relay.probe.name}"
     )
-    loop.run(
-        on_drain=on_drain,
-        on_ready=lambda how: click.echo(f"relay: ready, waiting for commits ({how})"),
-    )
+    try:
+        loop.run(
+            on_drain=on_drain,
+            on_ready=lambda how: click.echo(f"relay: ready, waiting for commits ({how})"),
+        )
+    finally:
+        if stream is not None:
+            stream.relay.stop()
+            stream.thread.join(timeout=30)
     click.echo("relay: stopped")
+
+
+#: How long `relay --cdc` waits for its stream to start before polling anyway.
+CDC_START_TIMEOUT = 30.0
+
+
+@dataclass
+class _CdcThread:
+    relay: CdcRelay
+    thread: threading.Thread
+
+
+def _start_cdc(ops: Operations) -> _CdcThread:
+    """The CDC relay in a thread of its own, once its slot and publication exist."""
+    try:
+        import psycopg2  # noqa: F401 - the stream's driver, checked before anything starts
+    except ImportError as e:
+        raise click.ClickException(
+            "the CDC relay streams with psycopg 2: pip install 'celery-outbox[cdc]'"
+        ) from e
+    relay = CdcRelay(ops.engine, ops.celery_app, ops.settings, probe=ops.probe)
+    try:
+        if relay.slot.ensure():
+            click.echo(
+                f"relay: created replication slot {relay.slot.slot} and publication "
+                f"{relay.slot.publication}"
+            )
+    except OutboxError as e:
+        raise click.ClickException(str(e)) from e
+
+    def run() -> None:
+        relay.run(on_streaming=lambda: click.echo(f"relay: streaming from slot {relay.slot.slot}"))
+        if relay.invalidated.is_set():
+            click.echo(
+                f"relay: slot {relay.slot.slot} is invalidated; polling publishes everything. "
+                f"Run `{ops.command} cdc drop-slot`, then start the relay again.",
+                err=True,
+            )
+
+    thread = threading.Thread(target=run, name="outbox-cdc", daemon=True)
+    thread.start()
+    # The polling loop starts once the stream streams (its heartbeat written, so polling
+    # leaves it the rows it publishes) or stands by; otherwise both would publish the
+    # first rows. A stream that cannot start is retried; polling goes on meanwhile.
+    if not relay.settled.wait(CDC_START_TIMEOUT):
+        logger.warning("cdc: the stream has not started within %gs", CDC_START_TIMEOUT)
+    return _CdcThread(relay, thread)
+
+
+@click.group("cdc")
+def cdc_group() -> None:
+    """The CDC relay's replication slot (PostgreSQL)."""
+
+
+@cdc_group.command("drop-slot")
+@click.option("--slot", default=DEFAULT_SLOT, show_default=True)
+@click.option("--publication", default=DEFAULT_PUBLICATION, show_default=True)
+@pass_operations
+def drop_slot_command(ops: Operations, slot: str, publication: str) -> None:
+    """Drop the slot and publication, ending any relay streaming from them; the WAL the
+    slot kept is released. Pending rows stay pending: polling publishes them."""
+    try:
+        dropped = CdcSlot(ops.engine, slot, publication).drop()
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    if dropped:
+        click.echo(f"dropped replication slot {slot} and publication {publication}")
+    else:
+        click.echo(f"no replication slot {slot}; publication {publication} dropped if it existed")
 
 
 @click.command("retry-dead")
@@ -287,6 +378,14 @@ def status_command(ops: Operations, as_json: bool) -> None:
         )
     for relay in stats.relays:
         console.print(f"{relay.name} last ran {relay.last_seen_seconds_ago:.1f}s ago")
+    slot = stats.cdc_slot
+    if slot is not None:
+        who = "a CDC relay streams from it" if slot.active else "no CDC relay streams from it"
+        lag = "" if slot.lag_seconds is None else f", {slot.lag_seconds:.1f}s"
+        console.print(
+            f"CDC slot {slot.name}: {who}; behind by {slot.lag_bytes or 0:,} bytes of WAL{lag}"
+            f" (WAL {slot.wal_status or 'unknown'})"
+        )
     for problem in health.problems:
         console.print(f"[bold red]{problem}[/]")
 
@@ -396,6 +495,7 @@ def inspect_command(ops: Operations, task_id: uuid.UUID, as_json: bool) -> None:
 #: Every operational command, in the order ``--help`` lists them.
 COMMANDS = (
     relay_command,
+    cdc_group,
     status_command,
     inspect_command,
     keys_command,

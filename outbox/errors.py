@@ -69,3 +69,20 @@ class OrderingNotTrackedError(OutboxError):
 
 class KeyNotBlockedError(OutboxError):
     """The ordering key is not blocked: there is nothing to retry or skip."""
+
+
+class PgoutputError(OutboxError):
+    """A logical replication message could not be decoded: the bytes are not pgoutput
+    protocol version 1, or were cut short. The stream must not go on past it."""
+
+
+class CdcSetupError(OutboxError):
+    """The database cannot feed the change-data-capture relay as it is set up: the
+    message says what to change, with the SQL to run."""
+
+
+class SlotInvalidatedError(OutboxError):
+    """PostgreSQL invalidated the CDC relay's replication slot (it kept more WAL than
+    ``max_slot_wal_keep_size`` allows): the stream cannot resume from it. The rows it
+    did not publish are still pending and the polling relay publishes them; drop the slot
+    (``outbox cdc drop-slot``) and start the CDC relay again to stream anew."""

@@ -35,15 +35,18 @@ class OutboxHealth:
     dead: int
     #: Ordering keys stopped at a failed task: shown, like dead rows, never failed on.
     blocked_keys: int = 0
+    #: Why the CDC relay's slot is a problem (invalidated, or behind by more than
+    #: ``max_lag``): its WAL piles up on the server's disk.
+    cdc: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.lagging is None and self.no_relay is None
+        return self.lagging is None and self.no_relay is None and self.cdc is None
 
     @property
     def problems(self) -> list[str]:
         """What ``/healthz`` fails on, in plain words, most urgent first."""
-        return [problem for problem in (self.no_relay, self.lagging) if problem]
+        return [problem for problem in (self.no_relay, self.lagging, self.cdc) if problem]
 
     @property
     def headline(self) -> str:
@@ -52,6 +55,8 @@ class OutboxHealth:
             return "NO RELAY"
         if self.lagging is not None:
             return "LAGGING"
+        if self.cdc is not None:
+            return "CDC SLOT"
         if self.blocked_keys:
             return "BLOCKED KEYS"
         return "DEAD ROWS" if self.dead else "OK"
@@ -72,4 +77,36 @@ def assess(stats: OutboxStats, max_lag: float = DEFAULT_MAX_LAG) -> OutboxHealth
         no_relay=no_relay,
         dead=stats.dead,
         blocked_keys=stats.blocked_keys,
+        cdc=_slot_problem(stats, max_lag),
     )
+
+
+def _slot_problem(stats: OutboxStats, max_lag: float) -> str | None:
+    slot = stats.cdc_slot
+    if slot is None:
+        return None
+    if slot.invalidated:
+        return (
+            f"the CDC relay's replication slot {slot.name} is invalidated: polling "
+            "publishes everything; drop it (`outbox cdc drop-slot`) and start the CDC relay "
+            "again"
+        )
+    if not slot.active:
+        # Between a relay's death and its standby's take-over the slot is briefly idle;
+        # a slot nobody has read for longer only keeps WAL on the server's disk.
+        streamed = [r.last_seen_seconds_ago for r in stats.relays if r.kind == "cdc"]
+        silence = min(streamed) if streamed else None
+        if silence is None or silence > max_lag:
+            since = "ever" if silence is None else f"for {silence:.0f}s"
+            return (
+                f"no CDC relay has streamed from replication slot {slot.name} {since}, and it "
+                f"keeps {slot.lag_bytes or 0:,} bytes of WAL: start `outbox relay --cdc`, or "
+                "drop the slot (`outbox cdc drop-slot`) if the CDC relay is not used"
+            )
+        return None
+    if slot.lag_seconds is not None and slot.lag_seconds > max_lag:
+        return (
+            f"the CDC relay's replication slot {slot.name} is {slot.lag_seconds:.0f}s behind "
+            f"(limit {max_lag:g}s), keeping {slot.lag_bytes or 0:,} bytes of WAL"
+        )
+    return None

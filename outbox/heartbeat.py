@@ -29,6 +29,9 @@ class RelayKind(StrEnum):
     RELAY = "relay"
     #: The beat-scheduled sweep task, run by a worker.
     SWEEP = "sweep"
+    #: ``flask outbox relay --cdc`` while it streams from the replication slot: polling
+    #: relays leave it the rows it streams (``OutboxSettings.cdc_grace``).
+    CDC = "cdc"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,11 @@ class Heartbeat:
         )
         with self.engine.begin() as conn:
             conn.execute(statement)
+
+    def forget(self) -> None:
+        """Delete this relay's row: it has stopped, and nothing should wait on it."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(relays_table).where(_r.name == self.name))
 
 
 def relays_seen(conn: Connection, now: datetime) -> list[RelayRun]:

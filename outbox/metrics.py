@@ -43,6 +43,9 @@ _GAUGES = (
     "celery_outbox_relay_last_run_seconds",
     "celery_outbox_blocked_keys",
     "celery_outbox_oldest_blocked_key_age_seconds",
+    "celery_outbox_cdc_slot_lag_bytes",
+    "celery_outbox_cdc_slot_lag_seconds",
+    "celery_outbox_cdc_slot_active",
 )
 
 
@@ -84,6 +87,24 @@ class OutboxCollector(Collector):
             "Seconds since the longest-blocked ordering key stopped (0 when none is).",
             value=stats.oldest_blocked_age_seconds or 0.0,
         )
+        slot = stats.cdc_slot
+        if slot is not None:
+            # Only where a CDC relay's slot exists: WAL the server keeps for it.
+            yield GaugeMetricFamily(
+                "celery_outbox_cdc_slot_lag_bytes",
+                "Bytes of WAL the CDC relay's replication slot keeps beyond what it confirmed.",
+                value=slot.lag_bytes or 0,
+            )
+            yield GaugeMetricFamily(
+                "celery_outbox_cdc_slot_lag_seconds",
+                "Seconds the CDC relay is behind the WAL, as the server measured it last.",
+                value=slot.lag_seconds or 0.0,
+            )
+            yield GaugeMetricFamily(
+                "celery_outbox_cdc_slot_active",
+                "1 while a CDC relay streams from the slot, 0 otherwise (-1: invalidated).",
+                value=-1 if slot.invalidated else int(slot.active),
+            )
         if stats.last_relay_run_seconds_ago is not None:
             # Absent until a relay has run: alert on its absence as well as its size.
             yield GaugeMetricFamily(

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Select, Text, bindparam, case, cast, select, update
+from sqlalchemy import Select, Text, and_, bindparam, case, cast, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.brokers import BrokerProbe, probe_for
@@ -36,14 +36,15 @@ from outbox.heartbeat import Heartbeat, RelayKind
 from outbox.idempotency import confirms_processing
 from outbox.metrics import DISPATCH_LAG, PUBLISH_FAILURES, PUBLISHED
 from outbox.ordering import KeyKeeper, OnFailure
-from outbox.publishing import ClaimedRow, PublishOutcome, publisher_for
-from outbox.schema import OutboxStatus, outbox_table
+from outbox.publishing import ClaimedRow, publisher_for
+from outbox.schema import OutboxStatus, outbox_table, relays_table
 from outbox.settings import OutboxSettings
 from outbox.stores import store_for
 
 logger = logging.getLogger(__name__)
 
 _t = outbox_table.c
+_r = relays_table.c
 #: What the claim reads: the fields of ``ClaimedRow``, in their order, so each row builds
 #: one positionally. The JSON columns are read as text: the publisher parses them once,
 #: where the driver would parse them for nothing first.
@@ -54,8 +55,23 @@ _CLAIM_COLUMNS = tuple(
 )
 
 _now = bindparam("now", type_=_t.available_at.type)
+#: Rows a running CDC relay streams (``outbox.cdc_relay``): enqueued due at once, with
+#: no ordering key, never failed, and younger than ``cdc_grace``. Polling leaves them.
+_STREAMED = and_(
+    _t.ordering_key.is_(None),
+    _t.attempts == 0,
+    _t.available_at <= _t.created_at,
+    _t.created_at > bindparam("streamed_after", type_=_t.created_at.type),
+)
 #: Whether a row is due: the first entry of the pending rows' index.
 _DUE = select(_t.id).where(_t.status == OutboxStatus.PENDING, _t.available_at <= _now).limit(1)
+_DUE_UNSTREAMED = _DUE.where(~_STREAMED)
+#: Whether a CDC relay has streamed lately (its heartbeat).
+_CDC_LIVE = select(_r.name).where(
+    _r.kind == str(RelayKind.CDC), _r.last_seen_at > bindparam("since", type_=_r.last_seen_at.type)
+)
+#: How often a relay asks whether a CDC relay streams, in seconds.
+CDC_CHECK_INTERVAL = 1.0
 #: A batch's delivered rows marked dispatched. Only tasks whose consumer records what it
 #: processed (``watched``) get a deadline for its confirmation.
 _MARK = (
@@ -74,6 +90,10 @@ _MARK = (
         ),
     )
 )
+
+#: Rows the CDC relay published (``outbox.cdc_relay``), marked as a batch's are, but only
+#: while still pending: a polling relay may have taken one meanwhile.
+_MARK_STREAMED = _MARK.where(_t.status == OutboxStatus.PENDING)
 
 #: Longest wait between two maintenance passes (heartbeat, confirmation) of a draining
 #: relay, in seconds of its clock. A relay woken by every commit drains hundreds of
@@ -172,6 +192,10 @@ class Relay:
             .limit(self.settings.batch_size)
             .with_for_update(skip_locked=True, of=outbox_table)
         )
+        self._claim_unstreamed = self._claim_statement.where(~_STREAMED)
+        #: Whether a CDC relay streamed at the last check (``CDC_CHECK_INTERVAL``).
+        self._cdc_live = False
+        self._cdc_checked: float | None = None
 
     def now(self) -> datetime:
         """The relay's clock (a test may have given it its own)."""
@@ -210,11 +234,11 @@ class Relay:
                     outcome = None
                 else:
                     outcome = self.publisher.publish(rows)
-                    self._note_broker(outcome.broker_error)
+                    self.note_broker(outcome.broker_error)
                     now = self._clock()
-                    self._mark_dispatched(conn, outcome, now)
+                    self.mark_dispatched(conn, outcome.delivered, now)
                     dead = sum(
-                        self._record_failure(conn, row, error, now) for row, error in outcome.failed
+                        self.record_failure(conn, row, error, now) for row, error in outcome.failed
                     )
         except BaseException:
             # Whatever went wrong, the next batch starts on a connection the pool hands
@@ -295,24 +319,56 @@ class Relay:
 
     def _claim(self, conn: Connection) -> list[ClaimedRow]:
         self.store.lock_for_claim(conn)
-        rows = conn.execute(self._claim_statement, {"now": self._clock()})
+        now = self._clock()
+        streamed_after = self.streamed_after(conn, now)
+        if streamed_after is None:
+            rows = conn.execute(self._claim_statement, {"now": now})
+        else:
+            rows = conn.execute(
+                self._claim_unstreamed, {"now": now, "streamed_after": streamed_after}
+            )
         return [ClaimedRow(*row) for row in rows]
+
+    def streamed_after(self, conn: Connection, now: datetime) -> datetime | None:
+        """While a CDC relay streams: the creation time after which a row it streams is
+        left to it (``OutboxSettings.cdc_grace`` ago); ``None`` when none streams."""
+        grace = timedelta(seconds=self.settings.cdc_grace)
+        checked = self._cdc_checked
+        if checked is None or time.monotonic() - checked >= CDC_CHECK_INTERVAL:
+            self._cdc_live = conn.execute(_CDC_LIVE, {"since": now - grace}).first() is not None
+            self._cdc_checked = time.monotonic()
+        return now - grace if self._cdc_live else None
 
     def has_due_rows(self, conn: Connection) -> bool:
         """Whether a row is due: the first entry of the pending rows' index, read without
-        a lock (what a relay loop asks where the database cannot notify it)."""
-        return conn.execute(_DUE, {"now": self._clock()}).first() is not None
+        a lock (what a relay loop asks where the database cannot notify it). Rows a
+        running CDC relay streams do not count."""
+        now = self._clock()
+        streamed_after = self.streamed_after(conn, now)
+        if streamed_after is None:
+            return conn.execute(_DUE, {"now": now}).first() is not None
+        found = conn.execute(_DUE_UNSTREAMED, {"now": now, "streamed_after": streamed_after})
+        return found.first() is not None
 
     def claim_query(self) -> Select[Any]:
         """The statement that claims one batch, due now (public so its plan can be
         checked; a batch runs the same statement, built once)."""
         return self._claim_statement.params(now=self._clock())
 
-    def _mark_dispatched(self, conn: Connection, outcome: PublishOutcome, now: datetime) -> None:
-        if not outcome.delivered:
+    def mark_dispatched(
+        self,
+        conn: Connection,
+        delivered: list[tuple[ClaimedRow, Any]],
+        now: datetime,
+        *,
+        streamed: bool = False,
+    ) -> None:
+        """Mark ``delivered`` rows dispatched; ``streamed`` rows (the CDC relay's, which
+        holds no lock on them) only if they are still pending."""
+        if not delivered:
             return
         watched = []
-        for row, task in outcome.delivered:
+        for row, task in delivered:
             PUBLISHED.labels(task=row.task_name).inc()
             DISPATCH_LAG.observe(max(0.0, (now - row.available_at).total_seconds()))
             if confirms_processing(task):
@@ -320,16 +376,16 @@ class Relay:
             if self._after_publish is not None:
                 self._after_publish()
         conn.execute(
-            _MARK,
+            _MARK_STREAMED if streamed else _MARK,
             {
-                "ids": [row.id for row, _ in outcome.delivered],
+                "ids": [row.id for row, _ in delivered],
                 "watched": watched,
                 "now": now,
                 "deadline": now + timedelta(seconds=self.settings.confirm_timeout),
             },
         )
 
-    def _note_broker(self, error: BaseException | None) -> None:
+    def note_broker(self, error: BaseException | None) -> None:
         """Log a broker outage once when it starts and once when it ends."""
         if error is not None:
             PUBLISH_FAILURES.labels(reason="broker").inc()
@@ -348,7 +404,7 @@ class Relay:
             )
             self._outage_started = None
 
-    def _record_failure(self, conn: Connection, row: ClaimedRow, error: str, now: datetime) -> bool:
+    def record_failure(self, conn: Connection, row: ClaimedRow, error: str, now: datetime) -> bool:
         """Reschedule a row whose publish failed on its own; return whether it is now dead."""
         PUBLISH_FAILURES.labels(reason="row").inc()
         attempts = row.attempts + 1

@@ -22,6 +22,7 @@ DEFAULT_CONFIRM_TIMEOUT = 3600.0
 DEFAULT_PUBLISH_CONFIRM_TIMEOUT = 10.0
 DEFAULT_RETENTION = 7 * 86400.0
 DEFAULT_PROCESSED_RETENTION = 30 * 86400.0
+DEFAULT_CDC_GRACE = 30.0
 
 #: The values of ``ordering_on_failure`` (``outbox.ordering.OnFailure``).
 _ON_FAILURE = {"block", "skip"}
@@ -86,6 +87,11 @@ class OutboxSettings:
     #: ``block`` (its later tasks wait for ``flask outbox unblock``) or ``skip`` (the next
     #: one goes). See ``outbox.ordering``.
     ordering_on_failure: str = "block"
+    #: Seconds a row the CDC relay streams (enqueued with no countdown, eta or ordering
+    #: key) is left to it while it runs (``outbox.cdc_relay``): polling relays and
+    #: sweeps take such a row only once it is older, so the two never race for it, and a
+    #: stream that stalls still costs a task no more than this.
+    cdc_grace: float = DEFAULT_CDC_GRACE
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
@@ -126,6 +132,7 @@ class OutboxSettings:
         _require(
             self.max_payload_bytes >= 1, "max_payload_bytes", self.max_payload_bytes, ">= 1 byte"
         )
+        _require(self.cdc_grace > 0, "cdc_grace", self.cdc_grace, "> 0 seconds")
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any], prefix: str = "OUTBOX_") -> OutboxSettings:

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 
+from outbox.cdc_slot import CdcSlot, SlotState
 from outbox.heartbeat import RelayRun, relays_seen
 from outbox.ordering import blocked_summary
 from outbox.schema import OutboxStatus, outbox_table
@@ -58,6 +59,8 @@ class OutboxStats:
     #: (``flask outbox keys --blocked``), and seconds since the oldest of them stopped.
     blocked_keys: int = 0
     oldest_blocked_age_seconds: float | None = None
+    #: The CDC relay's replication slot (PostgreSQL), ``None`` where there is none.
+    cdc_slot: SlotState | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +87,10 @@ def collect_stats(bind: Engine | Connection, now: datetime) -> OutboxStats:
         rows = store_for(conn).estimated_rows(conn, outbox_table)
         relays = relays_seen(conn, now)
         blocked_keys, oldest_blocked = blocked_summary(conn, now)
+        cdc_slot = None
+        if conn.dialect.name == "postgresql":
+            state = CdcSlot(conn.engine).state(conn)
+            cdc_slot = state if state.exists else None
     pending = sum(counts.get(OutboxStatus.PENDING, 0) for counts in by_task.values())
     dead = sum(counts.get(OutboxStatus.DEAD, 0) for counts in by_task.values())
     return OutboxStats(
@@ -102,4 +109,5 @@ def collect_stats(bind: Engine | Connection, now: datetime) -> OutboxStats:
         relays=relays,
         blocked_keys=blocked_keys,
         oldest_blocked_age_seconds=oldest_blocked,
+        cdc_slot=cdc_slot,
     )

@@ -30,6 +30,7 @@ from sqlalchemy import Engine, create_engine, insert, make_url, text
 
 from outbox import OutboxStatus, create_tables, outbox_table
 from tests.conftest import PG_SERVER, REDIS_DB, RUN_ID, TEST_DATABASE
+from tests.logical_postgres import LogicalCluster, logical_cluster
 from tests.mariadb import MARIADB_SERVER, MariaDBError
 from tests.mariadb import create_database as create_mariadb_database
 from tests.mariadb import drop_database as drop_mariadb_database
@@ -163,6 +164,37 @@ def postgres_engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
     engine.dispose()
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def logical_postgres() -> Iterator[LogicalCluster]:
+    """A PostgreSQL cluster of this run's own with ``wal_level = logical``, started on
+    first use and removed at the end of the run."""
+    with logical_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def logical_engine(logical_postgres: LogicalCluster) -> Iterator[Engine]:
+    """A database of its own on the logical cluster, with the outbox's tables; its
+    replication slots and the database are dropped afterwards."""
+    name = f"outbox_cdc_{uuid.uuid4().hex[:8]}"
+    admin = logical_postgres.dsn("postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    engine = create_engine(logical_postgres.url(name))
+    try:
+        create_tables(engine)
+        yield engine
+    finally:
+        engine.dispose()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            # A slot keeps its database: end whatever still reads one, then drop them all.
+            slots = "FROM pg_replication_slots WHERE database = %s"
+            conn.execute(f"SELECT pg_terminate_backend(active_pid) {slots} AND active", (name,))
+            wait_for(lambda: not conn.execute(f"SELECT 1 {slots} AND active", (name,)).fetchone())
+            conn.execute(f"SELECT pg_drop_replication_slot(slot_name) {slots}", (name,))
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

@@ -210,7 +210,7 @@ def _pgbench(
 PHASES = (
     ("claim (SELECT … FOR UPDATE SKIP LOCKED)", "_claim"),
     ("publish (messages built, Redis pipeline)", "publish"),
-    ("mark dispatched (UPDATE)", "_mark_dispatched"),
+    ("mark dispatched (UPDATE)", "mark_dispatched"),
     ("transaction begin and commit, the rest of a batch", "run_once"),
     ("wait for work (NOTIFY, or due-row checks while stood down)", "wait"),
     ("other", ""),

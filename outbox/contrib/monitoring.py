@@ -68,10 +68,14 @@ def monitoring_blueprint() -> Blueprint:
                 if stats.last_relay_run_seconds_ago is None
                 else round(stats.last_relay_run_seconds_ago, 1)
             )
+            if stats.cdc_slot is not None:
+                # Only where a CDC relay's replication slot exists.
+                checks["cdc"] = health.cdc or "ok"
+                checks["cdc_slot_lag_bytes"] = stats.cdc_slot.lag_bytes
+                checks["cdc_slot_lag_seconds"] = stats.cdc_slot.lag_seconds
         checks["broker"] = "ok" if state.probe.reachable() else "unreachable"
-        healthy = all(
-            checks.get(name) == "ok" for name in ("database", "outbox", "relay", "broker")
-        )
+        judged = ["database", "outbox", "relay", "broker", *(["cdc"] if "cdc" in checks else [])]
+        healthy = all(checks.get(name) == "ok" for name in judged)
         return {"status": "ok" if healthy else "failing", **checks}, 200 if healthy else 503
 
     return bp
