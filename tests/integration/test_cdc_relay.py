@@ -20,6 +20,7 @@ import pytest
 import redis
 from celery import Celery
 from click.testing import CliRunner
+from kombu import Queue as KombuQueue
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, create_engine, select, text
 from sqlalchemy.orm import Session
@@ -33,11 +34,14 @@ from outbox.health import assess
 from outbox.heartbeat import Heartbeat, RelayKind
 from outbox.metrics import register_outbox_collector
 from outbox.pgoutput import parse_lsn
+from outbox.publishing.amqp import ConfirmingPublisher
 from outbox.schema import outbox_table
 from outbox.stats import collect_stats
 from outbox.stores import store_for
+from tasks.orders import notify_customer
+from tests.integration.test_amqp_confirms import drain_queue
 from tests.logical_postgres import LogicalCluster
-from tests.services import wait_for
+from tests.services import app_on, wait_for
 from webapp import create_app
 from webapp.extensions import db
 
@@ -458,3 +462,67 @@ def test_drop_slot_command(logical_engine: Engine) -> None:
     assert not CdcSlot(logical_engine).state().exists
     again = CliRunner().invoke(main, args)
     assert "no replication slot celery_outbox" in again.output
+
+
+def test_on_rabbitmq_the_stream_publishes_on_a_confirm_channel(
+    logical_engine: Engine, rabbitmq_url: str, relays: list[RunningRelay]
+) -> None:
+    """The same publisher as the polling relay's: RabbitMQ confirms each message before
+    its transaction is confirmed to the slot."""
+    queue = f"cdc-confirms-{uuid.uuid4().hex[:8]}"
+    app = app_on(rabbitmq_url, "cdc-confirms", task_default_queue=queue, task_queues=None)
+    try:
+        relay = start(relays, logical_engine, app)
+        assert isinstance(relay.publisher, ConfirmingPublisher)
+        wait_for(relay.streaming.is_set)
+        with Session(logical_engine) as session:
+            ids = [
+                str(TaskOutbox(app).apply_async(notify_customer, args=(n,), session=session).id)
+                for n in range(20)
+            ]
+            session.commit()
+        wait_for(lambda: relay.transactions == 1)
+        assert ids == drain_queue(app, queue), "in commit order"
+        wait_for(lambda: set(statuses(logical_engine).values()) == {OutboxStatus.DISPATCHED})
+    finally:
+        with app.connection_for_write() as conn:
+            KombuQueue(queue, channel=conn.default_channel).delete()
+
+
+def test_a_streamed_task_is_the_message_polling_would_publish(
+    logical_engine: Engine,
+    celery_app: Celery,
+    relays: list[RunningRelay],
+    redis_client: redis.Redis,
+    queue: str,
+) -> None:
+    """The same row published by the stream and then by the polling relay: one message,
+    headers, body and properties alike but for what each publish sets for itself (as two
+    apply_async calls would): the delivery tag, the publishing thread's reply address,
+    and the time left before the task expires."""
+    relay = start(relays, logical_engine, celery_app)
+    wait_for(relay.streaming.is_set)
+    with Session(logical_engine) as session:
+        TaskOutbox(celery_app).apply_async(
+            "orders.notify_customer",
+            args=(7,),
+            kwargs={"event": "confirmed"},
+            queue=queue,
+            expires=3600,
+            headers={"tenant": "acme"},
+            session=session,
+        )
+        session.commit()
+    wait_for(lambda: set(statuses(logical_engine).values()) == {OutboxStatus.DISPATCHED})
+    relays.pop().stop()  # no stream runs: polling takes every row
+    with logical_engine.begin() as conn:
+        conn.execute(outbox_table.update().values(status="pending"))
+    with Relay(logical_engine, celery_app) as poller:
+        assert 1 == poller.drain().published
+    streamed, polled = (json.loads(m) for m in reversed(redis_client.lrange(queue, 0, -1)))
+    left = [int(m["properties"].pop("expiration")) for m in (streamed, polled)]
+    assert all(0 < ms <= 3_600_000 for ms in left)
+    for message in (streamed, polled):
+        for own in ("delivery_tag", "reply_to"):
+            message["properties"].pop(own)
+    assert polled == streamed
