@@ -34,10 +34,11 @@ import psycopg
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
-from bench.children import Child, ChildError, monotonic
+from bench.children import Child, ChildError
 from bench.context import Context, rotated
-from bench.data import empty_queue, empty_tables, queue_length
+from bench.data import empty_queue, empty_tables
 from bench.results import Figure, percentile
+from bench.sections.latency import paced_enqueues, warm_up
 from outbox import TaskOutbox
 from outbox.cdc_slot import CdcSlot
 from outbox.pgoutput import Commit, decode, format_lsn
@@ -48,7 +49,6 @@ POLLING, CDC = "polling relay (LISTEN/NOTIFY)", "CDC relay (--cdc)"
 STREAMING, SQL = "streaming replication (psycopg 2)", "SQL interface (peek + advance)"
 RELAY_ROLE = "outbox_bench_relay"
 DATABASE = "outbox_bench_cdc"
-WARMUP_TASKS = 5
 START_TIMEOUT = 60.0
 #: The relay role's statements over a run, and the WAL written.
 _QUERIES = text(
@@ -201,32 +201,13 @@ def _latency(ctx: Context, engine: Engine, relay_url: str, variant: str) -> dict
     )  # fmt: skip
     try:
         watcher.expect("ready")
-        for number in range(WARMUP_TASKS):
-            with Session(engine) as session:
-                outbox.apply_async(notify_customer, args=(number,), session=session)
-                session.commit()
-        _until(
-            lambda: queue_length(ctx.redis) >= WARMUP_TASKS,
-            30,
-            "warm-up tasks published",
-            relay,
-        )
-        empty_queue(ctx.redis)
+        warm_up(ctx, engine, outbox, notify_customer, timeout=30)
         _until(lambda: _pending(engine) == 0, 30, "warm-up rows marked")
         with engine.begin() as conn:
             conn.execute(text("SELECT pg_stat_statements_reset()"))
             since = str(conn.execute(_LSN).scalar_one())
         watcher.send("go")
-        commits: dict[str, float] = {}
-        start = monotonic() + 0.05
-        for number in range(count):
-            pause = start + number / sizes.latency_rate - monotonic()
-            if pause > 0:
-                time.sleep(pause)
-            with Session(engine) as session:
-                task_id = outbox.apply_async(notify_customer, args=(number,), session=session).id
-                session.commit()
-                commits[task_id] = monotonic()
+        commits = paced_enqueues(engine, outbox, notify_customer, count, sizes.latency_rate)
         arrivals: dict[str, float] = watcher.result(wait_seconds + 10)["arrivals"]
         watcher.wait(10)
         _until(lambda: _pending(engine) == 0, 60, "every row marked dispatched")

@@ -156,18 +156,10 @@ def _measure(
             publisher.expect("ready")
         watcher.expect("ready")
         outbox = TaskOutbox(ctx.celery_app)
-        _warm_up(ctx, engine, outbox, notify_customer, timeout=interval + 30)
+        warm_up(ctx, engine, outbox, notify_customer, timeout=interval + 30)
         watcher.send("go")
-        commits: dict[str, float] = {}
-        start = monotonic() + 0.05
-        for number in range(count):
-            pause = start + number / sizes.latency_rate - monotonic()
-            if pause > 0:
-                time.sleep(pause)
-            with Session(engine) as session:
-                task_id = outbox.apply_async(notify_customer, args=(number,), session=session).id
-                session.commit()
-                commits[task_id] = monotonic()
+        start = monotonic()
+        commits = paced_enqueues(engine, outbox, notify_customer, count, sizes.latency_rate)
         achieved = count / (monotonic() - start)
         arrivals: dict[str, float] = watcher.result(wait_seconds + 10)["arrivals"]
         watcher.wait(10)
@@ -182,7 +174,25 @@ def _measure(
     )
 
 
-def _warm_up(ctx: Context, engine: Engine, outbox: TaskOutbox, task: Any, timeout: float) -> None:
+def paced_enqueues(
+    engine: Engine, outbox: TaskOutbox, task: Any, count: int, rate: float
+) -> dict[str, float]:
+    """``count`` enqueues of ``task`` at ``rate`` a second, each committed alone: when
+    each task id committed (``monotonic``)."""
+    commits: dict[str, float] = {}
+    start = monotonic() + 0.05
+    for number in range(count):
+        pause = start + number / rate - monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        with Session(engine) as session:
+            task_id = outbox.apply_async(task, args=(number,), session=session).id
+            session.commit()
+            commits[task_id] = monotonic()
+    return commits
+
+
+def warm_up(ctx: Context, engine: Engine, outbox: TaskOutbox, task: Any, timeout: float) -> None:
     """Send a few tasks through first and wait for them: the publisher's first publish
     connects to Redis and declares the queue, which is start-up, not latency."""
     for number in range(WARMUP_TASKS):
