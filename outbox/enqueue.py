@@ -126,7 +126,9 @@ class TaskOutbox:
             self._check_reports_finish(name)
         now = self._clock()
         resolved = resolve_options(options, now)
-        if not self.celery_app.conf.task_create_missing_queues:
+        # Celery's own answer, read when it built its queues from task_create_missing_queues:
+        # the one its router acts on (and no settings lookup on every call).
+        if not self.celery_app.amqp.queues.create_missing:  # type: ignore[attr-defined]
             self._check_queue(name, resolved.publish, args, kwargs)
         wire_args, args_size = encode(list(args or ()), where="args")
         wire_kwargs, kwargs_size = encode(dict(kwargs or {}), where="kwargs")

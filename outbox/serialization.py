@@ -28,10 +28,16 @@ def to_wire(value: Any, *, where: str) -> Any:
 def encode(value: Any, *, where: str) -> tuple[Any, int]:
     """Like :func:`to_wire`, also returning the size of the serialized JSON in bytes."""
     try:
-        text = kombu_dumps(value)
+        try:
+            # The encoder kombu's dumps subclasses, without its fallback for the types
+            # JSON has none of: the same text wherever no fallback is needed (most
+            # arguments), without building an encoder on every call.
+            text = json.dumps(value)
+        except TypeError:
+            text = kombu_dumps(value)
         # NaN and Infinity are not JSON: PostgreSQL's JSONB would refuse them at commit,
         # far from the call that put them there.
-        wire = json.loads(text, parse_constant=_refuse_constant)
+        wire = _STRICT_JSON.decode(text)
         # Likewise NUL characters and lone surrogates, which JSON text can escape but
         # JSONB cannot store. The escape only appears in the text when one may be there.
         if "\\u0000" in text or "\\ud" in text:
@@ -106,3 +112,7 @@ def _refuse_unstorable_strings(value: Any) -> None:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+#: JSON as JSONB takes it: NaN and Infinity refused.
+_STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant)

@@ -273,9 +273,8 @@ def _driver(ctx: Context, engine: Engine, cluster: LogicalCluster, way: str) -> 
 
     commits = ctx.sizes.cdc_driver_commits
     admin = cluster.dsn(DATABASE)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE PUBLICATION {_PUBLICATION} FOR TABLE celery_outbox")
-        conn.execute(f"SELECT pg_create_logical_replication_slot('{_DRIVER_SLOT}', 'pgoutput')")
+    slot = CdcSlot(engine, slot=_DRIVER_SLOT, publication=_PUBLICATION)
+    slot.ensure()
     options = {"proto_version": "1", "publication_names": _PUBLICATION}
     latencies: list[float] = []
     stream: Any = None
@@ -323,9 +322,9 @@ def _driver(ctx: Context, engine: Engine, cluster: LogicalCluster, way: str) -> 
     finally:
         if stream is not None:
             stream.close()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (_DRIVER_SLOT,))
-            conn.execute(f"DROP PUBLICATION {_PUBLICATION}")
+        # The walsender outlives the closed stream by a moment: drop() ends it and waits
+        # for it to let go of the slot.
+        slot.drop()
         empty_tables(engine)
     return latencies
 

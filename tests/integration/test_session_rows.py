@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from sqlalchemy import Engine, event, func, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from outbox import OutboxMessage, OutboxSettings, OutboxStatus, TaskOutbox, outbox_table
@@ -58,7 +59,7 @@ def test_a_flush_inserts_every_enqueued_row_with_one_statement(
     tasks = TaskOutbox(celery_app)
     with Session(store_engine) as session:
         ids = [tasks.apply_async("rows.echo", [n], session=session).id for n in range(5)]
-        assert 5 == len(session.new), "enqueue only adds to the session"
+        assert [OutboxMessage] == [type(o) for o in session.new], "one stand-in for the rows"
         assert [] == outbox_inserts, "and runs no SQL"
         session.commit()
     assert 1 == len(outbox_inserts)
@@ -102,6 +103,73 @@ def test_a_rolled_back_savepoint_takes_only_its_own_rows(
         after = tasks.apply_async("rows.echo", ["after"], session=session).id
         session.commit()
     assert [kept, after] == [str(row.task_id) for row in stored(store_engine)]
+
+
+def test_a_released_savepoint_keeps_its_rows_and_a_later_one_takes_only_its_own(
+    store_engine: Engine, celery_app: Celery
+) -> None:
+    """Savepoints nested in savepoints: each flush boundary is followed, whether the
+    rows were noted before, inside or after each savepoint."""
+    tasks = TaskOutbox(celery_app)
+    with Session(store_engine) as session:
+        kept = [tasks.apply_async("rows.echo", ["outer"], session=session).id]
+        with session.begin_nested():
+            kept.append(tasks.apply_async("rows.echo", ["released"], session=session).id)
+            inner = session.begin_nested()
+            tasks.apply_async("rows.echo", ["rolled back, inner"], session=session)
+            inner.rollback()
+            kept.append(tasks.apply_async("rows.echo", ["released, after"], session=session).id)
+        middle = session.begin_nested()
+        tasks.apply_async("rows.echo", ["rolled back"], session=session)
+        with session.begin_nested():
+            tasks.apply_async("rows.echo", ["released inside a rolled-back one"], session=session)
+        middle.rollback()
+        kept.append(tasks.apply_async("rows.echo", ["last"], session=session).id)
+        session.commit()
+    assert kept == [str(row.task_id) for row in stored(store_engine)]
+
+
+def test_rows_expunged_with_everything_else_are_not_inserted(
+    store_engine: Engine, celery_app: Celery
+) -> None:
+    """``expunge_all()`` drops the rows not yet flushed, as it drops any pending object;
+    the rows enqueued after it are inserted."""
+    tasks = TaskOutbox(celery_app)
+    with Session(store_engine) as session:
+        tasks.apply_async("rows.echo", ["dropped"], session=session)
+        session.expunge_all()
+        session.flush()
+        tasks.apply_async("rows.echo", ["also dropped"], session=session)
+        session.expunge_all()
+        after = tasks.apply_async("rows.echo", ["after"], session=session).id
+        session.commit()
+    assert [after] == [str(row.task_id) for row in stored(store_engine)]
+
+
+def test_a_failed_flush_leaves_its_rows_to_the_callers_rollback(
+    store_engine: Engine, celery_app: Celery
+) -> None:
+    """The listener's INSERT fails (a task id already taken): the flush raises with the
+    rows still noted and their stand-in pending, as the ORM leaves its own objects, and
+    the caller's rollback drops them; the transaction after it starts clean."""
+    tasks = TaskOutbox(celery_app)
+    with Session(store_engine) as first:
+        taken = tasks.apply_async("rows.echo", ["first"], session=first).id
+        first.commit()
+    with Session(store_engine) as session:
+        tasks.apply_async("rows.echo", ["dropped"], session=session)
+        noted = session.info["celery_outbox.noted_rows"]
+        noted.rows.append({**noted.rows[0], "task_id": uuid.UUID(taken)})
+        with pytest.raises(IntegrityError):
+            session.flush()
+        assert noted is session.info["celery_outbox.noted_rows"]
+        assert [noted.stand_in] == list(session.new)
+        session.rollback()
+        assert not session.new
+        assert "celery_outbox.noted_rows" not in session.info
+        tasks.apply_async("rows.echo", ["second"], session=session)
+        session.commit()
+    assert [["first"], ["second"]] == [row.args for row in stored(store_engine)]
 
 
 def test_a_rolled_back_transaction_leaves_no_rows_and_no_notes(
