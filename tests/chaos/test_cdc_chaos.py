@@ -31,7 +31,7 @@ from flask import Flask
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
-from tests.chaos.processes import FAST_REDELIVERY, pause
+from tests.chaos.processes import FAST_REDELIVERY
 from tests.chaos.redis_server import RedisServer, free_port, redis_server
 from tests.chaos.test_mixed_faults import Clients, Stack, confirm_then_roll_back, ping
 from tests.services import ChaosReport, wait_for
@@ -209,18 +209,9 @@ def test_cdc_relays_killed_and_redis_restarted_lose_double_and_invent_nothing(
         wait_for(lambda: stack.supervise() or ping(clients.base), timeout=60)
         wait_for(lambda: streaming_pid(logical_engine), timeout=60)
         customers = [threading.Thread(target=customer, args=(n,)) for n in range(CLIENTS)]
-        started = time.monotonic()
-        for thread in customers:
-            thread.start()
-        for name, fault in schedule:
-            pause(rng.uniform(2.0, 5.0))
-            stack.supervise()
-            fault()
-            faults[name] += 1
-        last_fault = time.monotonic()
-        while any(thread.is_alive() for thread in customers):
-            stack.supervise()
-            pause(0.2)
+        started, last_fault = stack.traffic_with_faults(
+            customers, schedule, faults, gap=lambda: rng.uniform(2.0, 5.0)
+        )
         traffic_seconds = time.monotonic() - started
         wait_for(
             lambda: stack.supervise() or all_applied(logical_engine),

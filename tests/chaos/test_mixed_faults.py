@@ -101,6 +101,33 @@ class Stack:
                 self.crashed.append(process)
                 self.start(name)
 
+    def traffic_with_faults(
+        self,
+        customers: list[threading.Thread],
+        schedule: list[tuple[str, Callable[[], None]]],
+        faults: Counter[str],
+        gap: Callable[[], float],
+    ) -> tuple[float, float]:
+        """Start the customers, inject each fault of ``schedule`` after a ``gap()``,
+        restarting whatever exited meanwhile, and wait, still supervising, until the
+        customers are done. Returns when the traffic started and when the last fault
+        struck (``time.monotonic()``)."""
+        started = time.monotonic()
+        for thread in customers:
+            thread.start()
+        for name, fault in schedule:
+            pause(gap())
+            self.supervise()
+            fault()
+            faults[name] += 1
+        last_fault = time.monotonic()
+        while any(thread.is_alive() for thread in customers):
+            self.supervise()
+            pause(0.2)
+        for thread in customers:
+            thread.join()
+        return started, last_fault
+
     def stop(self) -> None:
         for process in self.processes.values():
             process.stop()
@@ -267,20 +294,9 @@ def test_every_fault_at_once_loses_doubles_and_invents_nothing(
         wait_for(lambda: stack.supervise() or ping(clients.base), timeout=60)
         wait_for(lambda: remembered_marker(engine, broker) is not None, timeout=60)
         customers = [threading.Thread(target=customer, args=(n,)) for n in range(CLIENTS)]
-        traffic_started = time.monotonic()
-        for thread in customers:
-            thread.start()
-        for name, fault in schedule:
-            pause(rng.uniform(2.0, 4.0))
-            stack.supervise()
-            fault()
-            faults[name] += 1
-        last_fault = time.monotonic()
-        while any(thread.is_alive() for thread in customers):
-            stack.supervise()
-            pause(0.2)
-        for thread in customers:
-            thread.join()
+        traffic_started, last_fault = stack.traffic_with_faults(
+            customers, schedule, faults, gap=lambda: rng.uniform(2.0, 4.0)
+        )
         traffic_seconds = time.monotonic() - traffic_started
         ids = sorted(order_statuses(engine))
         for order_id in ids[:: max(1, len(ids) // 200)]:
