@@ -12,13 +12,18 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import select
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from outbox.pgoutput import Commit, Message, decode
 
 #: How long the server may take to start or stop (``pg_ctl -t``).
 START_TIMEOUT = 60
@@ -154,3 +159,20 @@ def logical_cluster(
         if (data / "postmaster.pid").exists():
             cluster.pg_ctl("stop", "-w", "-t", str(START_TIMEOUT), "-m", "immediate", check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def read_until_commit(cursor: Any, timeout: float) -> tuple[list[Message], int]:
+    """The messages a started replication cursor (psycopg 2's) streams, decoded, up to
+    and including the next Commit, and that Commit's end position."""
+    messages: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        raw = cursor.read_message()
+        if raw is None:
+            select.select([cursor.connection], [], [], 0.1)
+            continue
+        message = decode(raw.payload)
+        messages.append(message)
+        if isinstance(message, Commit):
+            return messages, message.end_lsn
+    raise TimeoutError(f"no Commit streamed within {timeout}s: {messages!r}")

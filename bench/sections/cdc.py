@@ -23,7 +23,6 @@ the time from a commit until its change is in hand and confirmed.
 from __future__ import annotations
 
 import itertools
-import select
 import sys
 import time
 from collections.abc import Iterator
@@ -42,7 +41,7 @@ from bench.sections.latency import paced_enqueues, warm_up
 from outbox import TaskOutbox
 from outbox.cdc_slot import CdcSlot
 from outbox.pgoutput import Commit, decode, format_lsn
-from tests.logical_postgres import LogicalCluster, logical_cluster
+from tests.logical_postgres import LogicalCluster, logical_cluster, read_until_commit
 
 SECTION = "cdc"
 POLLING, CDC = "polling relay (LISTEN/NOTIFY)", "CDC relay (--cdc)"
@@ -301,7 +300,7 @@ def _driver(ctx: Context, engine: Engine, cluster: LogicalCluster, way: str) -> 
             )
             committed = time.perf_counter()
             if way == STREAMING:
-                end = _stream_until_commit(cursor, stream)
+                _, end = read_until_commit(cursor, timeout=30)
                 cursor.send_feedback(flush_lsn=end, force=True)
             else:
                 # What a relay woken by the commit's NOTIFY would do: read the changes,
@@ -327,19 +326,6 @@ def _driver(ctx: Context, engine: Engine, cluster: LogicalCluster, way: str) -> 
         slot.drop()
         empty_tables(engine)
     return latencies
-
-
-def _stream_until_commit(cursor: Any, conn: Any) -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        message = cursor.read_message()
-        if message is None:
-            select.select([conn], [], [], 0.5)
-            continue
-        decoded = decode(message.payload)
-        if isinstance(decoded, Commit):
-            return decoded.end_lsn
-    raise RuntimeError("no commit streamed within 30s")
 
 
 def _pending(engine: Engine) -> int:

@@ -8,8 +8,6 @@ through the SQL interface and through psycopg 2's streaming replication connecti
 from __future__ import annotations
 
 import json
-import select as selectors
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +32,7 @@ from outbox.pgoutput import (
     decode,
 )
 from outbox.schema import outbox_table
-from tests.logical_postgres import LogicalCluster
+from tests.logical_postgres import LogicalCluster, read_until_commit
 
 pytestmark = pytest.mark.postgresql
 
@@ -154,18 +152,8 @@ def stream_until_commit(dsn: str, start_lsn: int) -> tuple[list[Message], int]:
             start_lsn=start_lsn,
             options=dict(zip(OPTIONS[::2], OPTIONS[1::2], strict=True)),
         )
-        messages: list[Message] = []
-        deadline = time.monotonic() + STREAM_TIMEOUT
-        while time.monotonic() < deadline:
-            raw = cursor.read_message()
-            if raw is None:
-                selectors.select([conn], [], [], 0.1)
-                continue
-            message = decode(raw.payload)
-            messages.append(message)
-            if isinstance(message, Commit):
-                cursor.send_feedback(flush_lsn=message.end_lsn, force=True)
-                return messages, message.end_lsn
-        raise AssertionError(f"no Commit streamed within {STREAM_TIMEOUT}s: {messages!r}")
+        messages, end_lsn = read_until_commit(cursor, STREAM_TIMEOUT)
+        cursor.send_feedback(flush_lsn=end_lsn, force=True)
+        return messages, end_lsn
     finally:
         conn.close()
