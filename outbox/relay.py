@@ -332,6 +332,8 @@ class Relay:
     def streamed_after(self, conn: Connection, now: datetime) -> datetime | None:
         """While a CDC relay streams: the creation time after which a row it streams is
         left to it (``OutboxSettings.cdc_grace`` ago); ``None`` when none streams."""
+        if not self.store.streams_changes:
+            return None
         grace = timedelta(seconds=self.settings.cdc_grace)
         checked = self._cdc_checked
         if checked is None or time.monotonic() - checked >= CDC_CHECK_INTERVAL:

@@ -77,6 +77,9 @@ class Store(ABC):
     #: that come without (``ordering_seq`` None), in the same statement as the INSERT: an
     #: ordered enqueue into an ORM session then runs no statement of its own.
     numbers_keys_at_flush: ClassVar[bool] = False
+    #: Whether a CDC relay can stream the outbox's INSERTs from this database's log
+    #: (PostgreSQL's logical decoding): elsewhere no relay asks whether one streams.
+    streams_changes: ClassVar[bool] = False
     #: The column types of the outbox's timestamps and task ids here.
     timestamp_type: ClassVar[TypeEngine[Any]] = DateTime(timezone=True)
     uuid_type: ClassVar[TypeEngine[Any]] = Uuid()

@@ -117,6 +117,7 @@ ORDER BY n
 class PostgresStore(Store):
     name: ClassVar[str] = "postgresql"
     numbers_keys_at_flush: ClassVar[bool] = True
+    streams_changes: ClassVar[bool] = True
     #: The outbox table's trigger notifies here when an inserting transaction commits.
     notify_channel: ClassVar[str | None] = NOTIFY_CHANNEL
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from kombu.transport import memory
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, event, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from outbox import OutboxSettings, OutboxStatus, Relay, TaskOutbox, outbox_table
@@ -231,6 +231,34 @@ def test_an_upsert_inserts_then_updates(store_engine: Engine) -> None:
     with store_engine.connect() as conn:
         seen = conn.execute(select(relays_table.c.name, relays_table.c.last_seen_at)).all()
     assert [("relay@h", first + timedelta(seconds=5))] == seen
+
+
+def test_only_where_a_cdc_relay_can_stream_is_its_heartbeat_heeded(
+    store_engine: Engine, memory_celery: Celery
+) -> None:
+    """On PostgreSQL a live CDC relay's heartbeat makes a polling relay leave it the rows
+    it streams; elsewhere no CDC relay can run, and a relay does not even ask."""
+    store = store_for(store_engine)
+    Heartbeat(store_engine, store, RelayKind.CDC, hostname="h").beat(datetime.now(UTC))
+    enqueue(store_engine, memory_celery)
+    relay = Relay(store_engine, memory_celery)
+    asked: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and relays_table.name in statement:
+            asked.append(statement)
+
+    event.listen(store_engine, "before_cursor_execute", note)
+    try:
+        result = relay.run_once()
+    finally:
+        event.remove(store_engine, "before_cursor_execute", note)
+    if store.streams_changes:
+        assert 0 == result.claimed
+        assert asked
+    else:
+        assert 1 == result.claimed
+        assert [] == asked
 
 
 def test_the_purges_delete_old_rows_in_batches_and_keep_the_rest(
