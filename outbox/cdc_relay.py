@@ -154,13 +154,14 @@ class CdcRelay:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def run(self, on_streaming: Callable[[], None] | None = None) -> None:
-        """Create the slot and publication if needed, then stream until stopped: wait as
-        a standby while another relay holds the slot, reconnect after a failure. Returns
-        early, having logged why, if the slot is invalidated or cannot be made."""
+    def run(self, on_streaming: Callable[[], None] | None = None, *, ensured: bool = False) -> None:
+        """Create the slot and publication if needed (``ensured``: the caller just did),
+        then stream until stopped: wait as a standby while another relay holds the slot,
+        reconnect after a failure. Returns early, having logged why, if the slot is
+        invalidated or cannot be made."""
         self._marks.start()
         backoff = 0.0
-        setup = True
+        setup = not ensured
         try:
             while not self.stopping:
                 try:

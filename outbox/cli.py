@@ -212,7 +212,10 @@ def _start_cdc(ops: Operations) -> _CdcThread:
         raise click.ClickException(str(e)) from e
 
     def run() -> None:
-        relay.run(on_streaming=lambda: click.echo(f"relay: streaming from slot {relay.slot.slot}"))
+        relay.run(
+            on_streaming=lambda: click.echo(f"relay: streaming from slot {relay.slot.slot}"),
+            ensured=True,
+        )
         if relay.invalidated.is_set():
             click.echo(
                 f"relay: slot {relay.slot.slot} is invalidated; polling publishes everything. "
