@@ -38,6 +38,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, scoped_session
 
 from outbox.clock import utcnow
 from outbox.errors import IdempotencyError
+from outbox.run_outcomes import replacement_task, was_replaced
 from outbox.schema import Base, UTCDateTime
 from outbox.transient import is_transient_database_error
 
@@ -133,6 +134,9 @@ def idempotent(
                 if is_transient_database_error(error):
                     _retry_later(error, transient_retries)
                     raise
+                if isinstance(error, Ignore):
+                    _record_ignored(db, task_id, name, error)
+                    raise
                 _record_consumed(db, task_id, name, f"{type(error).__name__}: {error}")
                 raise
 
@@ -177,9 +181,14 @@ def _run_once(
 def _hand_on_key(db: Session | scoped_session[Session], error: str | None = None) -> None:
     """An ordered task's key goes to its next task in the transaction that records this
     one, so a crash can never leave one done without the other (``outbox.ordering``)."""
-    from outbox.ordering import finish, place_of  # ordering reads this module's table
+    from outbox.ordering import finish, place_of, row_of_task  # ordering reads our table
 
-    place = place_of(getattr(current_task, "request", None))
+    request: Any = getattr(current_task, "request", None)
+    place = place_of(request)
+    if place is None and getattr(request, "replaced_task_nesting", None):
+        # A replacement runs under the replaced task's id without the relay's headers.
+        row = row_of_task(db, request.id)
+        place = row[1] if row is not None else None
     if place is not None:
         finish(db, place, utcnow(), error=error)
 
@@ -299,20 +308,47 @@ def _discard(db: Session | scoped_session[Session]) -> None:
 
 
 def _record_consumed(
-    db: Session | scoped_session[Session], task_id: str, name: str, error: str
+    db: Session | scoped_session[Session],
+    task_id: str,
+    name: str,
+    error: str | None,
+    *,
+    hand_on: bool = True,
 ) -> None:
-    """Record a task that failed on its own as consumed, in a transaction of its own
-    (with its ordering key stopped at it)."""
+    """Record a task that ended without its effects as consumed, in a transaction of its
+    own: its ordering key is stopped at it when it failed on its own (``error``), handed
+    on when it ignored itself, left alone (``hand_on=False``) when another run ends it."""
     try:
         db.add(ProcessedMessage(task_id=task_id, task_name=name, processed_at=utcnow()))
         db.flush()
-        _hand_on_key(db, error)
+        if hand_on:
+            _hand_on_key(db, error)
         db.commit()
     except IntegrityError:
         _discard(db)
     except Exception:
         _discard(db)
         logger.exception("could not record failed task %s[%s] as consumed", name, task_id)
+
+
+def _record_ignored(
+    db: Session | scoped_session[Session], task_id: str, name: str, error: Ignore
+) -> None:
+    """A run that raised ``Ignore``: a task that ignores itself is done (its key goes on,
+    as after a success); one that replaced itself is not, since the replacement runs
+    under the same id. Then nothing is recorded when the replacement records the id
+    itself (it is an idempotent consumer too); otherwise the id is recorded, so that the
+    outbox does not publish this task again, and the key waits for the replacement's end
+    (which lifecycle tracking reports)."""
+    if not was_replaced(error):
+        _record_consumed(db, task_id, name, None)
+        return
+    replacement = replacement_task(error, task_id)
+    task = current_task.app.tasks.get(replacement) if replacement is not None else None
+    if replacement is None or (task is not None and confirms_processing(task)):
+        logger.info("task %s[%s] replaced by %s: it records the id", name, task_id, replacement)
+        return
+    _record_consumed(db, task_id, name, None, hand_on=False)
 
 
 def _current_task() -> Any:

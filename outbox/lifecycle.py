@@ -41,7 +41,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from outbox.clock import utcnow
 from outbox.idempotency import confirms_processing
-from outbox.ordering import FINAL_STATES, Place, finish, place_of
+from outbox.ordering import FINAL_STATES, Place, finish, place_of, row_of_task
+from outbox.run_outcomes import recorded_state
 from outbox.schema import outbox_table
 from outbox.stores import store_for
 
@@ -195,11 +196,15 @@ class LifecycleTracker:
 
     def _on_prerun(self, task_id: str, task: Task, **_: Any) -> None:  # type: ignore[type-arg]
         row_id = row_id_of(task)
+        place = place_of(task.request)
         if row_id is None:
-            return
+            replaced = self._replaced_row(task)
+            if replaced is None:
+                return
+            row_id, place = replaced
         run = _Run(row_id, self._clock())
         if not confirms_processing(task):
-            run.place = place_of(task.request)
+            run.place = place
         with self._lock:
             self._runs[task_id] = run
         if self.track_started:
@@ -207,6 +212,24 @@ class LifecycleTracker:
             # see the task running while it runs.
             self._queue(run.row_id, "STARTED", run.started_at, None, None, None, ran=0)
             self.flush()
+
+    def _replaced_row(self, task: Task) -> tuple[int, Place | None] | None:  # type: ignore[type-arg]
+        """The row of a replacement's run (``self.replace``): Celery publishes it under the
+        replaced task's id, without the relay's headers, so it is looked up by that id.
+        Other tasks not published by the outbox cost no statement."""
+        if not getattr(task.request, "replaced_task_nesting", 0):
+            return None
+        try:
+            with self._resolve_engine().connect() as conn:
+                return row_of_task(conn, task.request.id)
+        except Exception:
+            logger.warning(
+                "could not look up the outbox row of replacement %s[%s]",
+                task.name,
+                task.request.id,
+                exc_info=True,
+            )
+            return None
 
     def _on_failure(self, task_id: str, exception: BaseException, **_: Any) -> None:
         self._note_error(task_id, f"{type(exception).__name__}: {exception}")
@@ -238,12 +261,15 @@ class LifecycleTracker:
                 run.error = error[:MAX_ERROR_LENGTH]
                 run.retry_eta = retry_eta
 
-    def _on_postrun(self, task_id: str, state: str | None = None, **_: Any) -> None:
+    def _on_postrun(
+        self, task_id: str, state: str | None = None, retval: object = None, **_: Any
+    ) -> None:
         with self._lock:
             run = self._runs.pop(task_id, None)
         if run is None:
             return
-        state = (state or "UNKNOWN")[:16]
+        # A requeued or replaced run is not the task's end: the next run is.
+        state = recorded_state(state or "UNKNOWN", retval)[:16]
         finished_at = self._clock()
         self._queue(run.row_id, state, run.started_at, finished_at, run.error, run.retry_eta, ran=1)
         if run.place is not None and state in FINAL_STATES:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -118,6 +119,26 @@ def place_of(request: Any) -> Place | None:
     if not isinstance(key, str) or not isinstance(seq, int) or isinstance(seq, bool):
         return None
     return Place(key, seq)
+
+
+def row_of_task(conn: Executor, task_id: object) -> tuple[int, Place | None] | None:
+    """The outbox row a task id was enqueued as, and its ordering place: for a run whose
+    message carries no headers of the relay's (a replacement, which Celery publishes
+    under the replaced task's id). ``None`` when no row has that id."""
+    try:
+        wanted = uuid.UUID(str(task_id))
+    except ValueError:  # not an id the outbox hands out
+        return None
+    row = conn.execute(_ROW_OF_TASK, {"wanted": wanted}).one_or_none()
+    if row is None:
+        return None
+    key, seq = row.ordering_key, row.ordering_seq
+    return int(row.id), Place(key, int(seq)) if key is not None and seq is not None else None
+
+
+_ROW_OF_TASK = select(_t.id, _t.ordering_key, _t.ordering_seq).where(
+    _t.task_id == bindparam("wanted", type_=_t.task_id.type)
+)
 
 
 def finish(conn: Executor, place: Place, now: datetime, *, error: str | None = None) -> bool:
