@@ -115,6 +115,9 @@ class _Watched:
     task_started_at: datetime | None
     task_finished_at: datetime | None
     task_retry_eta: datetime | None
+    #: Where the relay published it (``None`` for rows published before it recorded).
+    published_queue: str | None
+    published_exchange: str | None
 
 
 class Confirmation:
@@ -297,10 +300,19 @@ class Confirmation:
         return bool(task is not None and task.acks_late)
 
     def _held(self, rows: list[_Watched]) -> set[str] | None:
-        """Task ids the broker holds for ``rows``' queues; ``None`` when it cannot tell."""
-        if not rows:
-            return None
-        queues = {row.task_id: self._queue_of(row) for row in rows}
+        """Task ids the broker holds for ``rows``' queues; ``None`` when it cannot tell.
+
+        A task published to an exchange without a queue of its own cannot be looked for:
+        it counts as held."""
+        routed = {row.task_id: self._queue_of(row) for row in rows}
+        queues = {task_id: queue for task_id, queue in routed.items() if queue is not None}
+        unknown = set(routed) - set(queues)
+        if not queues:
+            return unknown or None
+        held = self._held_in(queues)
+        return None if held is None else held | unknown
+
+    def _held_in(self, queues: dict[str, str]) -> set[str] | None:
         try:
             held = self.probe.held_task_ids(set(queues.values()))
             if held is not None:
@@ -315,10 +327,19 @@ class Confirmation:
             return None
         return {task_id for task_id, queue in queues.items() if queue not in missing}
 
-    def _queue_of(self, row: _Watched) -> str:
-        """The queue the row's task was routed to, as Celery routes it."""
+    def _queue_of(self, row: _Watched) -> str | None:
+        """The queue the row's task was published to, as the relay recorded it.
+
+        A row published by an earlier version recorded none: its route is worked out
+        from its options and its task's own, without the arguments a router may read."""
+        if row.published_queue is not None or row.published_exchange is not None:
+            return row.published_queue
         options = row.options if isinstance(row.options, dict) else {}
+        task = self.celery_app.tasks.get(row.task_name)
+        queue = getattr(task, "queue", None)
+        own = {"queue": queue} if queue else {}
         wanted = {key: options[key] for key in ("queue", "routing_key") if key in options}
+        wanted = {**own, **wanted}
         try:
             queue = self.celery_app.amqp.router.route(wanted, row.task_name).get("queue")
         except KeyError:  # a queue Celery does not know: the row's own name for it
@@ -411,6 +432,8 @@ class Confirmation:
                 _t.task_started_at,
                 _t.task_finished_at,
                 _t.task_retry_eta,
+                _t.published_queue,
+                _t.published_exchange,
             )
             .where(*where, ~self._processed())
             .order_by(_t.confirm_deadline)

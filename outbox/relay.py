@@ -37,6 +37,7 @@ from outbox.idempotency import confirms_processing
 from outbox.metrics import DISPATCH_LAG, PUBLISH_FAILURES, PUBLISHED
 from outbox.ordering import KeyKeeper, OnFailure
 from outbox.publishing import ClaimedRow, publisher_for
+from outbox.publishing.messages import Route, TaskMessage
 from outbox.schema import OutboxStatus, outbox_table, relays_table
 from outbox.settings import OutboxSettings
 from outbox.stores import store_for
@@ -72,8 +73,9 @@ _CDC_LIVE = select(_r.name).where(
 )
 #: How often a relay asks whether a CDC relay streams, in seconds.
 CDC_CHECK_INTERVAL = 1.0
-#: A batch's delivered rows marked dispatched. Only tasks whose consumer records what it
-#: processed (``watched``) get a deadline for its confirmation.
+#: A batch's delivered rows marked dispatched, with where they went (one statement per
+#: route in the batch). Only tasks whose consumer records what it processed
+#: (``watched``) get a deadline for its confirmation.
 _MARK = (
     update(outbox_table)
     .where(_t.id.in_(bindparam("ids", expanding=True)))
@@ -81,6 +83,9 @@ _MARK = (
         status=OutboxStatus.DISPATCHED,
         dispatched_at=_now,
         deliveries=_t.deliveries + 1,
+        published_queue=bindparam("queue", type_=_t.published_queue.type),
+        published_exchange=bindparam("exchange", type_=_t.published_exchange.type),
+        published_routing_key=bindparam("routing_key", type_=_t.published_routing_key.type),
         confirm_deadline=case(
             (
                 _t.id.in_(bindparam("watched", expanding=True)),
@@ -360,7 +365,7 @@ class Relay:
     def mark_dispatched(
         self,
         conn: Connection,
-        delivered: list[tuple[ClaimedRow, Any]],
+        delivered: list[tuple[ClaimedRow, TaskMessage]],
         now: datetime,
         *,
         streamed: bool = False,
@@ -369,23 +374,30 @@ class Relay:
         holds no lock on them) only if they are still pending."""
         if not delivered:
             return
-        watched = []
-        for row, task in delivered:
+        routes: dict[Route, tuple[list[int], list[int]]] = {}
+        for row, message in delivered:
             PUBLISHED.labels(task=row.task_name).inc()
             DISPATCH_LAG.observe(max(0.0, (now - row.available_at).total_seconds()))
-            if confirms_processing(task):
+            ids, watched = routes.setdefault(message.route, ([], []))
+            ids.append(row.id)
+            if confirms_processing(message.task):
                 watched.append(row.id)
             if self._after_publish is not None:
                 self._after_publish()
-        conn.execute(
-            _MARK_STREAMED if streamed else _MARK,
-            {
-                "ids": [row.id for row, _ in delivered],
-                "watched": watched,
-                "now": now,
-                "deadline": now + timedelta(seconds=self.settings.confirm_timeout),
-            },
-        )
+        deadline = now + timedelta(seconds=self.settings.confirm_timeout)
+        for route, (ids, watched) in routes.items():
+            conn.execute(
+                _MARK_STREAMED if streamed else _MARK,
+                {
+                    "ids": ids,
+                    "watched": watched,
+                    "now": now,
+                    "deadline": deadline,
+                    "queue": route.queue,
+                    "exchange": route.exchange,
+                    "routing_key": route.routing_key,
+                },
+            )
 
     def note_broker(self, error: BaseException | None) -> None:
         """Log a broker outage once when it starts and once when it ends."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
-from sqlalchemy import Delete, delete, select
+from sqlalchemy import Delete, delete, exists, select
 from sqlalchemy.engine import Engine
 
 from outbox.idempotency import ProcessedMessage
@@ -80,20 +80,21 @@ def purge_idle_keys(
     batch_size: int = DEFAULT_PURGE_BATCH,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Forget ordering keys whose every task finished before ``older_than``; return how
-    many. A key used again later starts a new line, which is all it needs: nothing of it
-    is left waiting (``outbox.ordering``)."""
+    """Forget ordering keys whose every task finished before ``older_than`` and whose
+    rows are all gone; return how many. A key used again later starts a new line from 1,
+    which is all it needs: nothing of it is left waiting (``outbox.ordering``). A key with
+    a row still kept (a dead one, or one not yet purged) is remembered, so that its
+    numbers are never handed out twice."""
     k = keys_table.c
+    idle = (k.head_seq.is_(None), ~exists().where(_t.ordering_key == k.key))
     doomed = (
         select(k.key)
-        .where(k.head_seq.is_(None), k.updated_at < older_than)
+        .where(*idle, k.updated_at < older_than)
         .order_by(k.updated_at)
         .limit(batch_size)
     )
     # The condition again on the row itself: a key taken again meanwhile is kept.
-    statement = delete(keys_table).where(
-        store_for(engine).among(k.key, doomed), k.head_seq.is_(None)
-    )
+    statement = delete(keys_table).where(store_for(engine).among(k.key, doomed), *idle)
     return _delete_in_batches(engine, statement, progress)
 
 

@@ -176,6 +176,13 @@ class OutboxMessage(Base):
     ordering_key: Mapped[str | None] = mapped_column(String(255))
     #: The row's place in its key's commit order, from ``celery_outbox_keys``.
     ordering_seq: Mapped[int | None] = mapped_column(BigInteger)
+    # Where the relay published the task (the route the app's router gave it, with its
+    # arguments and the task's own options), recorded as it marks the row dispatched:
+    # the confirmation checks look for the message there. NULL until published, and
+    # for an exchange the message reached without a queue of its own.
+    published_queue: Mapped[str | None] = mapped_column(String(255))
+    published_exchange: Mapped[str | None] = mapped_column(String(255))
+    published_routing_key: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (
         # The relay's claim query walks this index in order and stops at the first row
@@ -192,11 +199,13 @@ class OutboxMessage(Base):
             sqlite_where=text("status = 'pending'"),
         ),
         # A key's task by its place in the key (the task holding it, the key keeper's
-        # and unblock's lookups); unordered rows are not in it.
+        # and unblock's lookups); unordered rows are not in it. Unique: a key's places
+        # are never handed out twice.
         Index(
             "ix_celery_outbox_ordering",
             "ordering_key",
             "ordering_seq",
+            unique=True,
             postgresql_where=text("ordering_key IS NOT NULL"),
             sqlite_where=text("ordering_key IS NOT NULL"),
         ),

@@ -189,9 +189,9 @@ class ConfirmingPublisher(Publisher):
                 outcome.broker_error = e
                 return outcome
             link.confirms = _Confirms()
-            tasks: dict[int, Any] = {}
+            messages: dict[int, TaskMessage] = {}
             try:
-                self._send(link, rows, outcome, tasks)
+                self._send(link, rows, outcome, messages)
                 self._await_confirms(link)
             except (
                 ChannelError,
@@ -201,7 +201,7 @@ class ConfirmingPublisher(Publisher):
                 *link.connection.connection_errors,
             ) as e:
                 outcome.broker_error = e
-            self._settle(link, rows, outcome, tasks)
+            self._settle(link, rows, outcome, messages)
             if outcome.broker_error is not None:
                 self._discard()
             return outcome
@@ -234,7 +234,11 @@ class ConfirmingPublisher(Publisher):
             link.close(broken=broken)
 
     def _send(
-        self, link: _Link, rows: list[ClaimedRow], outcome: PublishOutcome, tasks: dict[int, Any]
+        self,
+        link: _Link,
+        rows: list[ClaimedRow],
+        outcome: PublishOutcome,
+        messages: dict[int, TaskMessage],
     ) -> None:
         for row in rows:
             try:
@@ -253,7 +257,7 @@ class ConfirmingPublisher(Publisher):
                     logger.error("publishing outbox row %s failed", row.id, exc_info=True)
                     outcome.fail(row, f"{type(e).__name__}: {e}")
                     continue
-                tasks[row.id] = message.task
+                messages[row.id] = message
                 announce_after(message)
                 if message.sent_event is not None:
                     self.messages.events.publish(
@@ -298,7 +302,10 @@ class ConfirmingPublisher(Publisher):
 
     @staticmethod
     def _settle(
-        link: _Link, rows: list[ClaimedRow], outcome: PublishOutcome, tasks: dict[int, Any]
+        link: _Link,
+        rows: list[ClaimedRow],
+        outcome: PublishOutcome,
+        messages: dict[int, TaskMessage],
     ) -> None:
         """Fill ``outcome`` from the confirms: acked and not returned is delivered."""
         confirms = link.confirms
@@ -309,7 +316,7 @@ class ConfirmingPublisher(Publisher):
                 continue
             reason = confirms.returned.get(str(row.task_id))
             if reason is None:
-                outcome.delivered.append((row, tasks[row.id]))
+                outcome.delivered.append((row, messages[row.id]))
             elif row.id in confirms.trusted:
                 # Its queue was declared on this connection before, and no longer routes:
                 # it was deleted. Declared again with the next batch, which the row joins

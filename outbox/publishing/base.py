@@ -21,7 +21,7 @@ from typing import Any
 from celery import Celery
 
 from outbox.brokers import BrokerProbe
-from outbox.publishing.messages import MessageBuilder, RowFailedError
+from outbox.publishing.messages import MessageBuilder, RowFailedError, TaskMessage
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ class ClaimedRow:
 class PublishOutcome:
     """What publishing one batch did."""
 
-    #: Rows known to be on the broker, with the task each was published as.
-    delivered: list[tuple[ClaimedRow, Any]] = field(default_factory=list)
+    #: Rows known to be on the broker, with the message each was published as.
+    delivered: list[tuple[ClaimedRow, TaskMessage]] = field(default_factory=list)
     #: Rows that failed on their own, with the reason.
     failed: list[tuple[ClaimedRow, str]] = field(default_factory=list)
     #: Why the broker failed, ending the batch; ``None`` if it did not.

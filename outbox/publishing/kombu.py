@@ -23,7 +23,12 @@ from outbox.publishing.base import (
     PublishOutcome,
     undeclared,
 )
-from outbox.publishing.messages import RowFailedError, announce_after, announce_before
+from outbox.publishing.messages import (
+    RowFailedError,
+    TaskMessage,
+    announce_after,
+    announce_before,
+)
 from outbox.tracing import publishing_context
 
 #: Messages buffered in a Redis pipeline before it is sent. A whole batch in one flush
@@ -40,7 +45,7 @@ class KombuPublisher(Publisher):
 
     def publish(self, rows: list[ClaimedRow]) -> PublishOutcome:
         outcome = PublishOutcome()
-        sent: list[tuple[ClaimedRow, Any]] = []
+        sent: list[tuple[ClaimedRow, TaskMessage]] = []
         # How many of ``sent`` are known to be on the broker.
         known = 0
         try:
@@ -67,9 +72,9 @@ class KombuPublisher(Publisher):
 
     def _hand_over(
         self, row: ClaimedRow, producer: Any, broker_errors: tuple[type[BaseException], ...]
-    ) -> Any:
+    ) -> TaskMessage:
         """Give one row's message (and its ``task-sent`` event) to the producer and return
-        its task. Raises ``RowFailedError`` when the row is at fault and
+        the message. Raises ``RowFailedError`` when the row is at fault and
         ``BrokerFailedError`` when the broker is."""
         message = self.messages.build(row)
         # The message keeps Celery's declare list, which before_task_publish receives.
@@ -87,7 +92,7 @@ class KombuPublisher(Publisher):
                     )
         except Exception as e:
             self.blame(row, e, broker_errors)
-        return message.task
+        return message
 
 
 class _Declaring:

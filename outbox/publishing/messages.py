@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from celery import Celery, Task, signals
 from kombu.common import Broadcast
@@ -81,6 +81,27 @@ class TaskMessage:
     def headers(self) -> dict[str, Any]:
         headers: dict[str, Any] = self.publish["headers"]
         return headers
+
+    @property
+    def route(self) -> Route:
+        """Where the message goes, as the row records it once it is on the broker."""
+        exchange = self.publish["exchange"]
+        exchange = getattr(exchange, "name", exchange)
+        routing_key = self.publish["routing_key"]
+        return Route(
+            self.queue,
+            str(exchange) if exchange is not None else None,
+            str(routing_key) if routing_key is not None else None,
+        )
+
+
+class Route(NamedTuple):
+    """The queue, exchange and routing key a task was published to (``None`` where the
+    publish named none: ``""`` is the default exchange)."""
+
+    queue: str | None
+    exchange: str | None
+    routing_key: str | None
 
 
 class MessageBuilder:
@@ -268,4 +289,11 @@ def announce_after(message: TaskMessage) -> None:
         )
 
 
-__all__ = ["MessageBuilder", "RowFailedError", "TaskMessage", "announce_after", "announce_before"]
+__all__ = [
+    "MessageBuilder",
+    "Route",
+    "RowFailedError",
+    "TaskMessage",
+    "announce_after",
+    "announce_before",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from celery import Celery
@@ -29,6 +29,7 @@ from outbox import (
 )
 from outbox.lifecycle import LifecycleTracker
 from outbox.ordering import MAX_KEY_LENGTH
+from outbox.retention import purge_idle_keys, purge_outbox
 from tests.ordering_support import FAIL, RETRY, Consumer, labels, place
 from tests.unit.conftest import FakeClock, count_rows, drain_queue
 
@@ -366,3 +367,60 @@ def test_retry_dead_on_a_keys_dead_task_unblocks_the_key(
     consumer.run(paid)
     [shipped] = published(relay, celery_app)
     assert ["shipped"] == labels([shipped])
+
+
+def skip_dead_paid(
+    tasks: TaskOutbox, session: Session, engine: Engine, celery_app: Celery, clock: FakeClock
+) -> tuple[Relay, dict[str, object]]:
+    """paid goes dead and the key is skipped past it (``on_failure=skip``): shipped is
+    published. Returns the relay and shipped's message, not yet run."""
+    settings = OutboxSettings(max_attempts=1, ordering_on_failure="skip")
+    relay = Relay(engine, celery_app, settings, clock=clock)
+    kill_paid(tasks, session, relay, celery_app)
+    relay.maintain()
+    [shipped] = published(relay, celery_app)
+    assert ["shipped"] == labels([shipped])
+    return relay, shipped
+
+
+def test_retry_dead_puts_a_passed_over_task_at_the_end_of_its_key(
+    tasks: TaskOutbox,
+    session: Session,
+    engine: Engine,
+    celery_app: Celery,
+    consumer: Consumer,
+    clock: FakeClock,
+) -> None:
+    """Revived after its key went past it, paid waits for the task running now."""
+    relay, shipped = skip_dead_paid(tasks, session, engine, celery_app, clock)
+    with engine.begin() as conn:
+        assert 1 == retry_dead(conn, relay.now())
+    assert [] == published(relay, celery_app), "not beside shipped, which is running"
+    assert "SUCCESS" == consumer.run(shipped)
+    [paid] = published(relay, celery_app)
+    assert ["paid"] == labels([paid])
+    assert ("order:1", 3) == place(paid), "a new place, after every one handed out"
+
+
+def test_the_cleanup_keeps_a_key_whose_dead_task_is_kept(
+    tasks: TaskOutbox,
+    session: Session,
+    engine: Engine,
+    celery_app: Celery,
+    consumer: Consumer,
+    clock: FakeClock,
+) -> None:
+    """A key's numbers are never handed out twice: a new task after the cleanup gets the
+    next one, not 1 again beside the dead task that holds it."""
+    relay, shipped = skip_dead_paid(tasks, session, engine, celery_app, clock)
+    assert "SUCCESS" == consumer.run(shipped)
+    clock.advance(relay.settings.confirm_timeout)
+    relay.maintain()  # shipped's consumer recorded it: confirmed
+    # Past the relay's clock and the consumer's (which hands keys on at the real time).
+    later = max(relay.now(), datetime.now(UTC)) + timedelta(days=1)
+    assert 1 == purge_outbox(engine, later)  # shipped; the dead paid is kept
+    assert 0 == purge_idle_keys(engine, later)
+    enqueue(tasks, session, "order:1", "delivered")
+    [delivered] = published(relay, celery_app)
+    assert ("order:1", 3) == place(delivered)
+    assert 0 == collect_stats(engine, relay.now()).blocked_keys
