@@ -6,16 +6,31 @@ waited longer than ``max_lag`` (the relay is behind, or stuck), or no relay has 
 that long (none is running: nothing publishes anything, and with nothing pending yet
 that shows nowhere else). Dead rows and blocked ordering keys are shown, never judged:
 they wait for a person.
+
+Checking costs a broker connection and several queries, and ``/healthz`` answers anyone:
+:class:`RecentAnswer` gives the last answer again for a moment, so a flood of requests
+costs one check per ``DEFAULT_CACHE_SECONDS``.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, TypeVar
 
+from outbox.clock import Clock, utcnow
 from outbox.stats import OutboxStats
+
+T = TypeVar("T")
 
 #: Default ``OUTBOX_HEALTH_MAX_LAG``: seconds a due row may wait, and a relay be silent.
 DEFAULT_MAX_LAG = 60.0
+#: Default ``OUTBOX_HEALTH_CACHE_SECONDS``: how long ``/healthz`` gives its last answer
+#: again before it checks anew. Far below any ``max_lag`` and any prober's period, so an
+#: answer is never stale by more than a prober could notice; 0 checks every request.
+DEFAULT_CACHE_SECONDS = 1.0
 
 #: What to run when no relay runs, in the words of the example's commands.
 START_A_RELAY = (
@@ -110,3 +125,34 @@ def _slot_problem(stats: OutboxStats, max_lag: float) -> str | None:
             f"(limit {max_lag:g}s), keeping {slot.lag_bytes or 0:,} bytes of WAL"
         )
     return None
+
+
+class RecentAnswer(Generic[T]):
+    """The last answer of a check, given again while it is younger than ``max_age``.
+
+    Callers that arrive while the check runs wait for its answer rather than start one
+    of their own, so however many ask at once, the check runs at most once per
+    ``max_age``. An answer's age counts from the end of its check: a slow one (a broker
+    timing out) is not run again back to back. An answer dated after ``clock()`` (the
+    wall clock was set back) counts as expired, never as fresh for the hour it jumped.
+    """
+
+    def __init__(self, clock: Clock = utcnow) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._answer: tuple[datetime, T] | None = None
+
+    def get(self, check: Callable[[], T], max_age: float) -> T:
+        """The last answer if younger than ``max_age`` seconds, else ``check()``'s."""
+        if max_age <= 0:
+            # Nothing kept: a later caller with a cache must not get this answer.
+            return check()
+        with self._lock:
+            if self._answer is not None:
+                answered_at, answer = self._answer
+                age = (self._clock() - answered_at).total_seconds()
+                if 0 <= age < max_age:
+                    return answer
+            answer = check()
+            self._answer = (self._clock(), answer)
+            return answer

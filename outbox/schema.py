@@ -279,8 +279,9 @@ class RelayListener(Base):
     A committing enqueue notifies only while one of these rows says ``waiting``: a relay
     busy draining needs no wake-up, and a NOTIFY costs every concurrent writer (see
     ``outbox.wakeups``). A row belongs to the listening connection's server process,
-    named by its pid and start time (a pid alone can be reused), so the row of a relay
-    that died is recognised and deleted. Unused where the database cannot notify.
+    named by its pid; the advisory lock that process holds while it listens tells the
+    row of a relay that died (a pid alone can be reused), which is then deleted. Unused
+    where the database cannot notify.
     """
 
     __tablename__ = "celery_outbox_listeners"

@@ -31,6 +31,16 @@ A committed row therefore never waits for the poll interval while a relay runs: 
 found by a drain, by the check after an announcement, or by its notification. Only a
 writer in REPEATABLE READ or SERIALIZABLE that took its snapshot before an announcement
 and inserts after the check reads the old state; the poll interval bounds that one.
+
+A listener's row stays while its connection lives, whatever role each relay connects
+as: the connection holds a session-level advisory lock keyed by its own server process
+id (``LISTENER_LOCK_SPACE``, pid), and a row counts as gone when no process holds that
+lock. ``pg_locks`` shows every session's locks to every role, where ``pg_stat_activity``
+hides other roles' session details (``backend_start`` among them) from a role without
+``pg_read_all_stats``. A pid alone would not do: it is reused, and a row of a relay
+killed would be kept alive by whatever connection got its pid next. The lock goes with
+the connection, and a connection that got a dead listener's pid holds it only if it
+registered as a listener itself, upserting the row that pid names.
 """
 
 from __future__ import annotations
@@ -76,16 +86,34 @@ _ID_SEQUENCE = text("SELECT pg_get_serial_sequence(:table, 'id')").bindparams(
 )
 _LAST_ID = text("SELECT pg_sequence_last_value(CAST(:sequence AS regclass))")
 
+#: The first key of the advisory lock a listening connection holds while it lives, the
+#: second being its pid ("obxl" in ASCII: the outbox's listeners, apart from the
+#: advisory locks an application takes with small numbers).
+LISTENER_LOCK_SPACE = 0x6F62786C
+
 _BACKEND_START = text("SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+_LOCK_LISTENING = text("SELECT pg_advisory_lock(:space, pg_backend_pid())").bindparams(
+    space=LISTENER_LOCK_SPACE
+)
+_UNLOCK_LISTENING = text("SELECT pg_advisory_unlock(:space, pg_backend_pid())").bindparams(
+    space=LISTENER_LOCK_SPACE
+)
 
 #: Rows of listening connections that no longer exist (a relay killed, its connection
-#: cut): each would keep writers notifying for nothing.
+#: cut): each would keep writers notifying for nothing. Told by the advisory lock the
+#: row's process holds while it listens, in this database: a lock of two int4 keys
+#: shows as ``classid``, ``objid`` and ``objsubid = 2`` in ``pg_locks``.
 _FORGET_GONE = delete(listeners_table).where(
     ~exists(
         select(text("1"))
-        .select_from(text("pg_stat_activity AS a"))
-        .where(text("a.pid = celery_outbox_listeners.pid"))
-        .where(text("a.backend_start = celery_outbox_listeners.backend_start"))
+        .select_from(text("pg_locks AS l"))
+        .where(text("l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"))
+        .where(
+            text("l.database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+        )
+        .where(text("l.classid = CAST(:space AS oid)").bindparams(space=LISTENER_LOCK_SPACE))
+        .where(text("l.objid = CAST(celery_outbox_listeners.pid AS oid)"))
+        .where(text("l.pid = celery_outbox_listeners.pid"))
     )
 )
 
@@ -129,7 +157,13 @@ class WakeupGate:
         self.in_flight: frozenset[str] = frozenset()
 
     def register(self) -> None:
-        """Add this relay's row, not waiting; delete the rows of listeners now gone."""
+        """Add this relay's row, not waiting; delete the rows of listeners now gone.
+
+        The connection takes its listener lock first, so its row never exists without
+        the lock that keeps it from being taken for a gone listener's."""
+        if self.pid is None:
+            # The key is this process's own pid: no other live session takes it.
+            self.conn.execute(_LOCK_LISTENING)
         self.pid = int(self.conn.execute(select(func.pg_backend_pid())).scalar_one())
         self._started = self.conn.execute(_BACKEND_START).scalar_one()
         self._id_sequence = self.conn.execute(_ID_SEQUENCE).scalar_one()
@@ -177,6 +211,7 @@ class WakeupGate:
     def unregister(self) -> None:
         if self.pid is not None:
             self._change(delete(listeners_table).where(_l.pid == self.pid))
+            self.conn.execute(_UNLOCK_LISTENING)
             self.pid = None
 
     def _set_waiting(self, waiting: bool) -> None:

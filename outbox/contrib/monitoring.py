@@ -9,24 +9,34 @@ from flask import Blueprint, Response, current_app
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from outbox.clock import utcnow
+from outbox.clock import Clock, utcnow
 from outbox.contrib.flask import EXTENSION_NAME
-from outbox.health import DEFAULT_MAX_LAG, assess
+from outbox.health import DEFAULT_CACHE_SECONDS, DEFAULT_MAX_LAG, RecentAnswer, assess
 from outbox.metrics import register_outbox_collector
 from outbox.stats import OutboxStats, collect_stats
 from outbox.transient import is_transient_database_error
 
 logger = logging.getLogger(__name__)
 
+#: Seconds ``/healthz`` gives its last answer again (default ``DEFAULT_CACHE_SECONDS``);
+#: 0 checks on every request.
+CACHE_SECONDS_KEY = "OUTBOX_HEALTH_CACHE_SECONDS"
 
-def monitoring_blueprint() -> Blueprint:
+HealthAnswer = tuple[dict[str, Any], int]
+
+
+def monitoring_blueprint(*, clock: Clock = utcnow) -> Blueprint:
     """A blueprint serving ``/metrics`` (Prometheus) and ``/healthz`` (JSON, 200 or 503).
 
     ``/healthz`` answers anyone, so it says which check failed and of what kind
-    (``unreachable``, ``error``), never the exception's text: that goes to the log.
+    (``unreachable``, ``error``), never the exception's text: that goes to the log. Each
+    app checks at most once per ``OUTBOX_HEALTH_CACHE_SECONDS`` (``clock`` dates its
+    answers), so a flood of requests does not become a flood of broker connections and
+    queries.
     """
     bp = Blueprint("outbox_monitoring", __name__)
     registries: dict[int, CollectorRegistry] = {}
+    answers: dict[int, RecentAnswer[HealthAnswer]] = {}
 
     @bp.record_once
     def _register(setup: Any) -> None:
@@ -38,6 +48,7 @@ def monitoring_blueprint() -> Blueprint:
 
         register_outbox_collector(engine, utcnow, registry)
         registries[id(app)] = registry
+        answers[id(app)] = RecentAnswer(clock)
 
     @bp.get("/metrics")
     def metrics() -> Response:
@@ -46,7 +57,12 @@ def monitoring_blueprint() -> Blueprint:
         return Response(body, mimetype=CONTENT_TYPE_LATEST)
 
     @bp.get("/healthz")
-    def healthz() -> tuple[dict[str, Any], int]:
+    def healthz() -> HealthAnswer:
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        max_age = float(app.config.get(CACHE_SECONDS_KEY, DEFAULT_CACHE_SECONDS))
+        return answers[id(app)].get(check_health, max_age)
+
+    def check_health() -> HealthAnswer:
         state = current_app.extensions[EXTENSION_NAME]
         max_lag = float(current_app.config.get("OUTBOX_HEALTH_MAX_LAG", DEFAULT_MAX_LAG))
         checks: dict[str, Any] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,7 +14,18 @@ from sqlalchemy import Engine, insert, update
 from sqlalchemy.orm import Session
 
 from outbox import Relay, TaskOutbox, outbox_table
+from outbox.contrib.monitoring import CACHE_SECONDS_KEY
 from outbox.schema import relays_table
+
+
+@pytest.fixture(autouse=True)
+def fresh_health(app: Flask) -> Iterator[None]:
+    """Every /healthz here checks anew: these tests change the outbox between requests
+    well within the answer's cache time (what the cache saves is pinned by the unit
+    tests of ``/healthz``)."""
+    app.config[CACHE_SECONDS_KEY] = 0
+    yield
+    app.config.pop(CACHE_SECONDS_KEY)
 
 
 def free_port() -> int:

@@ -27,7 +27,17 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from outbox import OutboxStatus, Relay, TaskOutbox
@@ -337,6 +347,95 @@ def backend_alive(engine: Engine, pid: int | None) -> bool:
                 "SELECT count(*) FROM pg_stat_activity WHERE pid = %(pid)s", {"pid": pid}
             ).scalar_one()
         )
+
+
+@pytest.fixture
+def role_engines(postgres_engine: Engine, listeners: None) -> Iterator[tuple[Engine, Engine]]:
+    """Engines on this run's database as two roles of their own, neither superuser nor in
+    ``pg_read_all_stats``, with the rights a relay needs; the roles are dropped after."""
+    roles = [f"outbox_relay_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    with postgres_engine.begin() as conn:
+        for role in roles:
+            conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
+            conn.exec_driver_sql(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
+            conn.exec_driver_sql(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+    engines = [create_role_engine(postgres_engine, role) for role in roles]
+    try:
+        yield engines[0], engines[1]
+    finally:
+        for engine in engines:
+            engine.dispose()
+        with postgres_engine.begin() as conn:
+            for role in roles:
+                conn.exec_driver_sql(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                    (role,),
+                )
+                conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
+                conn.exec_driver_sql(f'DROP ROLE "{role}"')
+
+
+def create_role_engine(engine: Engine, role: str) -> Engine:
+    return create_engine(engine.url.set(username=role, password=None))
+
+
+def listener_pids(engine: Engine) -> list[int]:
+    with engine.connect() as conn:
+        return sorted(conn.execute(select(listeners_table.c.pid)).scalars())
+
+
+def test_listeners_of_other_roles_stay_registered(
+    role_engines: tuple[Engine, Engine], celery_app: Celery, postgres_engine: Engine
+) -> None:
+    """A role that cannot read other roles' session details (no ``pg_read_all_stats``)
+    still sees their listeners alive: each relay's pruning keeps the other's row."""
+    first = Listener(role_engines[0], celery_app)
+    second = Listener(role_engines[1], celery_app)  # registering prunes the gone
+    try:
+        hidden = text("SELECT backend_start FROM pg_stat_activity WHERE pid = :pid")
+        assert None is first.conn.execute(hidden, {"pid": second.gate.pid}).scalar_one()
+        first.gate.announce()
+        second.gate.announce()
+        assert 0 == first.gate.forget_gone()
+        assert 0 == second.gate.forget_gone()
+        assert sorted([first.gate.pid, second.gate.pid]) == listener_pids(postgres_engine)
+        assert 2 == waiting_count(postgres_engine)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_gone_listener_of_another_role_is_forgotten(
+    role_engines: tuple[Engine, Engine], celery_app: Celery, postgres_engine: Engine
+) -> None:
+    """The row of another role's relay whose connection ended is still deleted, and so
+    is a row naming a live session that is not listening (its pid reused)."""
+    gone = Listener(role_engines[0], celery_app)
+    gone.gate.announce()
+    pid = gone.gate.pid
+    gone.close()
+    wait_for(lambda: not backend_alive(postgres_engine, pid))
+    other = Listener(role_engines[1], celery_app)
+    try:
+        assert [other.gate.pid] == listener_pids(postgres_engine)
+        with role_engines[0].connect() as reused:
+            # A session of the first role that never listened, under a dead listener's
+            # row: what a pid handed to a new connection looks like.
+            reused_pid = reused.execute(select(func.pg_backend_pid())).scalar_one()
+            with postgres_engine.begin() as conn:
+                conn.execute(
+                    insert(listeners_table).values(
+                        pid=reused_pid,
+                        backend_start=datetime.now(UTC) - timedelta(days=1),
+                        relay="reused",
+                        waiting=True,
+                        updated_at=datetime.now(UTC),
+                    )
+                )
+            assert 1 == other.gate.forget_gone()
+            assert [other.gate.pid] == listener_pids(postgres_engine)
+    finally:
+        other.close()
 
 
 class WakeupMachine(RuleBasedStateMachine):
