@@ -4,6 +4,8 @@ Record the task in your own database transaction instead of calling ``.delay()``
 relay publishes it after commit under a task id fixed at enqueue time.
 """
 
+# Importing it registers the outbox-filesystem:// transport alias with kombu.
+from outbox.brokers.filesystem import FILESYSTEM_TRANSPORT, FilesystemChannel, FilesystemTransport
 from outbox.confirmation import ConfirmationResult
 from outbox.dead_letters import retry_dead
 from outbox.enqueue import OrderedOutbox, SessionLike, TaskOutbox
@@ -35,11 +37,14 @@ from outbox.stats import OutboxStats, collect_stats
 from outbox.transient import is_transient_database_error
 
 __all__ = [
+    "FILESYSTEM_TRANSPORT",
     "SUPPORTED_OPTIONS",
     "ArgumentNotSerializableError",
     "BatchResult",
     "ConfirmationResult",
     "DrainResult",
+    "FilesystemChannel",
+    "FilesystemTransport",
     "IdempotencyError",
     "InvalidOptionError",
     "InvalidOrderingKeyError",

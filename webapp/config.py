@@ -1,8 +1,9 @@
 """The example's configuration, read from the environment in this one place.
 
 Without any variable set, everything runs embedded under ``./var``: a SQLite database,
-kombu's filesystem transport as the broker and Celery's file result backend, so the
-demo needs no server. Set ``DATABASE_URL``, ``CELERY_BROKER_URL`` and
+the outbox's filesystem transport as the broker (``outbox-filesystem://``: kombu's
+``filesystem://``, with each message written whole) and Celery's file result backend, so
+the demo needs no server. Set ``DATABASE_URL``, ``CELERY_BROKER_URL`` and
 ``CELERY_RESULT_BACKEND`` for PostgreSQL and Redis.
 """
 
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from outbox import FILESYSTEM_TRANSPORT
 from outbox.settings import parse_flag
 
 
@@ -39,8 +41,17 @@ _DRIVERS = {
 }
 
 
+#: The embedded broker. kombu's own ``filesystem://`` creates each message's file before
+#: writing it, and a worker that takes the empty file dies decoding it; importing
+#: ``outbox`` registers this alias, so every process of the example resolves it.
+EMBEDDED_BROKER_URL = f"{FILESYSTEM_TRANSPORT}://"
+#: URL schemes whose transport keeps its messages in folders (the embedded broker, and
+#: kombu's own, which ``CELERY_BROKER_URL`` may still name).
+FILESYSTEM_SCHEMES = (EMBEDDED_BROKER_URL, "filesystem://")
+
+
 def broker_url() -> str:
-    return os.environ.get("CELERY_BROKER_URL") or "filesystem://"
+    return os.environ.get("CELERY_BROKER_URL") or EMBEDDED_BROKER_URL
 
 
 def result_backend() -> str:
@@ -82,7 +93,7 @@ def broker_transport_options() -> dict[str, Any]:
     extra = _json_object("CELERY_BROKER_TRANSPORT_OPTIONS")
     if broker_url().startswith(("redis://", "rediss://")):
         return {**REDIS_TRANSPORT_OPTIONS, **extra}
-    if not broker_url().startswith("filesystem://"):
+    if not broker_url().startswith(FILESYSTEM_SCHEMES):
         return extra
     broker_dir = var_dir() / "broker"
     queue_dir, control_dir = broker_dir / "queue", broker_dir / "control"
@@ -144,8 +155,36 @@ def orders_settings() -> dict[str, Any]:
     return settings
 
 
+#: The largest request body the example accepts, in bytes: an order of the largest size
+#: allowed (100 items) is a few kilobytes, so 1 MiB refuses only what is not an order,
+#: before it is read into memory.
+MAX_CONTENT_LENGTH = 1024 * 1024
+
+
+def max_content_length() -> int:
+    """``ORDERS_MAX_CONTENT_LENGTH`` (bytes), else :data:`MAX_CONTENT_LENGTH`; a larger
+    body is answered 413."""
+    raw = os.environ.get("ORDERS_MAX_CONTENT_LENGTH")
+    if not raw:
+        return MAX_CONTENT_LENGTH
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise ValueError(
+            f"ORDERS_MAX_CONTENT_LENGTH={raw!r} is not a whole number of bytes, e.g. 1048576"
+        ) from e
+    if value < 1:
+        raise ValueError(f"ORDERS_MAX_CONTENT_LENGTH={raw!r} must be at least 1 byte")
+    return value
+
+
 def flask_config() -> dict[str, Any]:
-    return {"SQLALCHEMY_DATABASE_URI": database_url(), **outbox_settings(), **orders_settings()}
+    return {
+        "SQLALCHEMY_DATABASE_URI": database_url(),
+        "MAX_CONTENT_LENGTH": max_content_length(),
+        **outbox_settings(),
+        **orders_settings(),
+    }
 
 
 def engine_options(database_uri: str) -> dict[str, Any]:

@@ -7,10 +7,21 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, String
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
 from outbox.schema import UTCDateTime
 from webapp.extensions import db
+
+#: The longest ``Idempotency-Key`` accepted (Stripe's limit; a UUID is 36).
+IDEMPOTENCY_KEY_LENGTH = 255
+#: Keys compare case-sensitively: MariaDB's and MySQL's default collations ignore case,
+#: which would make ``abc`` replay the order ``ABC`` made.
+IDEMPOTENCY_KEY = String(IDEMPOTENCY_KEY_LENGTH).with_variant(
+    mysql.VARCHAR(IDEMPOTENCY_KEY_LENGTH, charset="utf8mb4", collation="utf8mb4_bin"),
+    "mysql",
+    "mariadb",
+)
 
 
 def utcnow() -> datetime:
@@ -37,6 +48,9 @@ class Order(db.Model):  # type: ignore[name-defined,misc]
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     shipped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The client's ``Idempotency-Key`` for the POST that made it: unique, so of two
+    #: requests with one key only one can commit an order, in the order's own transaction.
+    idempotency_key: Mapped[str | None] = mapped_column(IDEMPOTENCY_KEY, unique=True)
 
 
 class _Effect:

@@ -4,6 +4,11 @@ Each step after creation changes the order's status and notifies the customer in
 same transaction, through the outbox, keyed by the order: the customer hears
 "confirmed", "shipped" and "delivered" in that order, however many workers run the
 notifications and whichever one is retried.
+
+Creating an order is the one step a retry could repeat, so ``POST /orders`` takes an
+``Idempotency-Key`` header (draft-ietf-httpapi-idempotency-key-header): the key is
+stored with the order, and the same key again answers with that order instead of making
+another.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ from typing import Any
 
 from flask import Blueprint, current_app, request
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute
 
 from tasks.orders import notify_customer, prepare_shipment, reserve_stock
 from webapp.errors import ApiError
 from webapp.extensions import db, outbox
 from webapp.models import (
+    IDEMPOTENCY_KEY_LENGTH,
     Notification,
     Order,
     OrderStatus,
@@ -37,16 +44,67 @@ EFFECTS = {"notification": Notification, "reservation": StockReservation, "shipm
 
 
 @bp.post("/orders")
-def create_order() -> tuple[dict[str, Any], int]:
+def create_order() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, dict[str, str]]:
+    """Create a pending order: 201. With an ``Idempotency-Key`` already used for the same
+    order: that order as it is now, 200 and ``Idempotent-Replayed: true``; for another
+    order: 422."""
+    key = _idempotency_key()
     try:
         payload = request.get_json(force=True, silent=True)
     except RecursionError:  # absurdly deep nesting: not an order either
         payload = None
     email, items = _parse_new_order(payload)
-    order = Order(customer_email=email, items=items, status=OrderStatus.PENDING.value)
+    if key is not None and (earlier := _order_with_key(key)) is not None:
+        return _replay(earlier, key, email, items)
+    order = Order(
+        customer_email=email, items=items, status=OrderStatus.PENDING.value, idempotency_key=key
+    )
     db.session.add(order)
-    db.session.commit()
+    try:
+        db.session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key committed first: the unique key decided,
+        # and this request answers with the winner's order.
+        db.session.rollback()
+        winner = _order_with_key(key) if key is not None else None
+        if winner is None:
+            raise
+        return _replay(winner, key, email, items)
     return _order_json(order), 201
+
+
+def _idempotency_key() -> str | None:
+    """The request's ``Idempotency-Key``, or ``None``; 400 if it cannot be one."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_LENGTH or not key.isprintable():
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"Idempotency-Key={key[:IDEMPOTENCY_KEY_LENGTH]!r} must be 1 to "
+            f"{IDEMPOTENCY_KEY_LENGTH} printable characters, e.g. a UUID.",
+        )
+    return key
+
+
+def _order_with_key(key: str) -> Order | None:
+    return db.session.scalars(select(Order).where(Order.idempotency_key == key)).one_or_none()
+
+
+def _replay(
+    order: Order, key: str, email: str, items: list[dict[str, Any]]
+) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """The order a key made, if this request asks for the same order (compared as parsed,
+    so a retry that serialises its JSON differently is still the same request)."""
+    if (order.customer_email, order.items) != (email, items):
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            f"Idempotency-Key {key!r} was already used for a different order; "
+            "use a new key for a new order.",
+        )
+    return _order_json(order), 200, {"Idempotent-Replayed": "true"}
 
 
 @bp.get("/orders/<int:order_id>")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from sqlalchemy import Engine, func, select
 from outbox import outbox_table
 from tasks.sweep import sweep
 from tests.services import wait_for
-from webapp.extensions import outbox
+from webapp.extensions import db, outbox
 
 NEW_ORDER = {"customer_email": "ada@example.com", "items": [{"sku": "BOOK-1", "qty": 2}]}
 ONE_EACH = {"notification": 1, "reservation": 1, "shipment": 1}
@@ -105,3 +106,45 @@ def test_concurrent_confirms_enqueue_one_set_of_tasks(app: Flask, engine: Engine
     with engine.connect() as conn:
         rows = conn.execute(select(func.count()).select_from(outbox_table)).scalar_one()
     assert 3 == rows
+
+
+def test_concurrent_orders_with_one_idempotency_key_make_one_order(
+    app: Flask, engine: Engine
+) -> None:
+    """Eight simultaneous POSTs with the same key and body: the unique key decides, one
+    201 and seven 200, all with the winner's order, and one row in the table."""
+    key = f"concurrent-{uuid.uuid4()}"
+    start = threading.Barrier(8)
+    answers: list[tuple[int, int]] = []
+
+    def create() -> None:
+        client = app.test_client()
+        start.wait()
+        response = client.post("/orders", json=NEW_ORDER, headers={"Idempotency-Key": key})
+        answers.append((response.status_code, (response.json or {}).get("id")))
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [200] * 7 + [201] == sorted(code for code, _ in answers)
+    assert 1 == len({order_id for _, order_id in answers})
+    orders = db.metadata.tables["orders"]
+    with engine.connect() as conn:
+        made = conn.execute(
+            select(func.count()).select_from(orders).where(orders.c.idempotency_key == key)
+        ).scalar_one()
+    assert 1 == made
+
+
+def test_idempotency_keys_are_compared_exactly(app: Flask) -> None:
+    """Keys that differ only in case are different keys, on every database (MariaDB
+    compares text case-insensitively unless the column says otherwise)."""
+    client = app.test_client()
+    key = f"Key-{uuid.uuid4()}"
+    codes = [
+        client.post("/orders", json=NEW_ORDER, headers={"Idempotency-Key": k}).status_code
+        for k in (key, key.lower(), key.upper())
+    ]
+    assert [201, 201, 201] == codes

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -261,3 +263,153 @@ def test_init_db_says_plainly_when_the_tables_are_from_an_older_version(app: Fla
     assert 1 == result.exit_code
     assert "notifications.event" in result.output
     assert "delete its folder" in result.output
+
+
+def order_count(app: Flask) -> int:
+    with app.app_context():
+        return int(
+            db.session.scalar(select(db.func.count()).select_from(db.metadata.tables["orders"]))
+        )
+
+
+@pytest.fixture
+def commit_answer_lost(app: Flask) -> Iterator[None]:
+    """Every commit of the app's sessions goes through, and then its answer is lost: what
+    a connection dropped in the middle of COMMIT looks like to the request."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    def lose_the_answer(_session: Any) -> None:
+        raise OperationalError("COMMIT", {}, ConnectionResetError("connection reset by peer"))
+
+    event.listen(db.session, "after_commit", lose_the_answer)
+    yield
+    event.remove(db.session, "after_commit", lose_the_answer)
+
+
+def test_a_503_after_a_cut_off_commit_says_the_outcome_is_unknown(
+    client: FlaskClient, app: Flask, commit_answer_lost: None
+) -> None:
+    """The commit may have gone through (here it did): the 503 must not say nothing was
+    changed, and says how to retry safely."""
+    response = client.post("/orders", json=NEW_ORDER)
+    assert 503 == response.status_code
+    assert "database_unavailable" == response.json["error"]
+    assert "nothing was changed" not in response.json["message"]
+    assert "unknown" in response.json["message"]
+    assert "Idempotency-Key" in response.json["message"]
+    assert 1 == order_count(app), "the commit went through"
+
+
+def test_a_get_that_fails_on_the_database_says_nothing_was_changed(
+    tmp_path: Path,
+) -> None:
+    """A GET changes nothing, whatever happened to its connection: its 503 says so."""
+    from webapp import create_app
+
+    unreachable = f"sqlite:///{tmp_path / 'no-such-folder' / 'orders.sqlite3'}"
+    app = create_app({"SQLALCHEMY_DATABASE_URI": unreachable, "SQLALCHEMY_ENGINE_OPTIONS": {}})
+    response = app.test_client().get("/orders/1")
+    assert 503 == response.status_code
+    assert "nothing was changed" in response.json["message"]
+
+
+def test_a_retry_with_the_same_idempotency_key_returns_the_order_a_cut_off_commit_made(
+    client: FlaskClient, app: Flask, commit_answer_lost: None
+) -> None:
+    """The client cannot know whether its order was made; sending it again with the same
+    key answers with that order (a replay commits nothing) instead of making a second."""
+    headers = {"Idempotency-Key": "order-7f3a"}
+    assert 503 == client.post("/orders", json=NEW_ORDER, headers=headers).status_code
+    retried = client.post("/orders", json=NEW_ORDER, headers=headers)
+    assert 200 == retried.status_code, retried.json
+    assert 1 == order_count(app)
+
+
+def test_the_same_idempotency_key_and_body_return_the_first_order(
+    client: FlaskClient, app: Flask
+) -> None:
+    """201 the first time, then 200 with the same order and Idempotent-Replayed: true;
+    one order in all."""
+    headers = {"Idempotency-Key": "b7c9e0d2-5a4f-4c39-9d0e-3f1a2b6c8d90"}
+    first = client.post("/orders", json=NEW_ORDER, headers=headers)
+    again = client.post("/orders", json=NEW_ORDER, headers=headers)
+    assert (201, 200) == (first.status_code, again.status_code)
+    assert first.json == again.json
+    assert "true" == again.headers["Idempotent-Replayed"]
+    assert "Idempotent-Replayed" not in first.headers
+    assert 1 == order_count(app)
+
+
+def test_a_replay_is_the_same_order_however_its_json_is_written(client: FlaskClient) -> None:
+    """The key stands for the order asked for: the same fields re-serialised by a client's
+    retry (key order, spacing) are the same request."""
+    headers = {"Idempotency-Key": "k-1"}
+    first = client.post("/orders", json=NEW_ORDER, headers=headers)
+    body = json.dumps({"items": NEW_ORDER["items"], "customer_email": "ada@example.com"}, indent=2)
+    again = client.post("/orders", data=body, content_type="application/json", headers=headers)
+    assert (201, 200) == (first.status_code, again.status_code)
+    assert first.json["id"] == again.json["id"]
+
+
+def test_the_same_idempotency_key_with_another_body_is_422(client: FlaskClient, app: Flask) -> None:
+    """A key reused for a different order is refused, naming the key, and makes nothing."""
+    headers = {"Idempotency-Key": "k-2"}
+    assert 201 == client.post("/orders", json=NEW_ORDER, headers=headers).status_code
+    other = {**NEW_ORDER, "items": [{"sku": "BOOK-2", "qty": 1}]}
+    response = client.post("/orders", json=other, headers=headers)
+    assert 422 == response.status_code
+    assert "idempotency_key_reused" == response.json["error"]
+    assert "'k-2'" in response.json["message"]
+    assert 1 == order_count(app)
+
+
+def test_orders_without_a_key_or_with_different_keys_are_separate(
+    client: FlaskClient, app: Flask
+) -> None:
+    """The key is opt-in: without it every POST makes an order, as before."""
+    codes = [
+        client.post("/orders", json=NEW_ORDER).status_code,
+        client.post("/orders", json=NEW_ORDER).status_code,
+        client.post("/orders", json=NEW_ORDER, headers={"Idempotency-Key": "a"}).status_code,
+        client.post("/orders", json=NEW_ORDER, headers={"Idempotency-Key": "b"}).status_code,
+    ]
+    assert [201] * 4 == codes
+    assert 4 == order_count(app)
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there"])
+def test_a_malformed_idempotency_key_is_400(client: FlaskClient, app: Flask, key: str) -> None:
+    """An empty, over-long or unprintable key is refused before anything is made."""
+    response = client.post("/orders", json=NEW_ORDER, headers={"Idempotency-Key": key})
+    assert 400 == response.status_code
+    assert "invalid_request" == response.json["error"]
+    assert "Idempotency-Key" in response.json["message"]
+    assert 0 == order_count(app)
+
+
+def test_a_body_over_the_limit_is_413_json_and_creates_nothing(
+    client: FlaskClient, app: Flask
+) -> None:
+    """A valid order padded past 1 MiB is refused with a JSON 413 before it is parsed."""
+    body = json.dumps({**NEW_ORDER, "note": "x" * (1024 * 1024)})
+    response = client.post("/orders", data=body, content_type="application/json")
+    assert 413 == response.status_code
+    assert "request_entity_too_large" == response.json["error"]
+    assert 0 == order_count(app)
+
+
+def test_the_body_limit_is_one_mib_unless_the_environment_sets_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ORDERS_MAX_CONTENT_LENGTH (bytes) sets Flask's MAX_CONTENT_LENGTH; a bad value is
+    an error naming it."""
+    from webapp.config import flask_config
+
+    monkeypatch.delenv("ORDERS_MAX_CONTENT_LENGTH", raising=False)
+    assert 1024 * 1024 == flask_config()["MAX_CONTENT_LENGTH"]
+    monkeypatch.setenv("ORDERS_MAX_CONTENT_LENGTH", "2048")
+    assert 2048 == flask_config()["MAX_CONTENT_LENGTH"]
+    monkeypatch.setenv("ORDERS_MAX_CONTENT_LENGTH", "1MB")
+    with pytest.raises(ValueError, match="ORDERS_MAX_CONTENT_LENGTH='1MB'"):
+        flask_config()

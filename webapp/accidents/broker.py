@@ -1,7 +1,8 @@
 """The demo's embedded broker, with the two faults the accidents need.
 
-It is kombu's filesystem transport (the example's embedded default: messages are files
-in a folder) with two switches, thrown by the demo:
+It is the library's filesystem transport (``outbox.FilesystemTransport``, the example's
+embedded default: messages are files in a folder, each written whole) with two
+switches, thrown by the demo:
 
 - **down**: the broker refuses connections and publishes, as a stopped broker does;
   consumers already connected see nothing arrive.
@@ -16,16 +17,13 @@ broker's. Registered as the ``outbox-demo://`` transport.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
-import time
-import uuid
-from pathlib import Path
 from typing import Any
 
-from kombu.transport import TRANSPORT_ALIASES, filesystem
-from kombu.utils.json import dumps
+from kombu.transport import TRANSPORT_ALIASES
+
+from outbox import FilesystemChannel, FilesystemTransport
 
 
 class Faults:
@@ -68,27 +66,19 @@ class BrokerDownError(ConnectionRefusedError):
     """The demo's broker is down."""
 
 
-class Channel(filesystem.Channel):
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+class Channel(FilesystemChannel):
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         if FAULTS.down:
             raise BrokerDownError("the broker refused the connection (it is down)")
-        # Written under a name consumers ignore, then renamed into the queue: kombu's own
-        # _put creates the file first and writes it after, and a consumer polling fast
-        # can take the empty file in between (and its worker dies decoding it).
-        name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
-        folder = Path(self.data_folder_out)
-        partial = folder / f".partial-{uuid.uuid4()}"
-        partial.write_bytes(dumps(payload).encode())
-        os.replace(partial, folder / name)
-        FAULTS.after_write(payload)
+        super()._put(queue, message, **kwargs)
+        FAULTS.after_write(message)
 
 
-class Transport(filesystem.Transport):
+class Transport(FilesystemTransport):
     Channel = Channel
-    driver_type = "filesystem"
     driver_name = "outbox-demo"
     connection_errors = (
-        *filesystem.Transport.connection_errors,
+        *FilesystemTransport.connection_errors,
         ConnectionRefusedError,
         TimeoutError,
         socket.timeout,
