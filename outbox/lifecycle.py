@@ -13,6 +13,13 @@ small UPDATE by key, written in batches by a background thread rather than on th
 path; ``track_started`` adds a second, written at once when the run starts, as Celery's
 ``task_track_started`` does. A failing write is logged and never fails a task:
 bookkeeping must not turn a successful task into a failed one.
+
+An ordered task's start is always written at once, naming the worker process that runs
+it (``task_worker``, ``node:pid``), and each process that runs outbox tasks beats in
+``celery_outbox_workers`` every ``WORKER_BEAT_INTERVAL`` seconds: a key whose task was
+started by a process that stopped beating (SIGKILLed, its machine gone) will never be
+handed on by that run, and the relays' key keeper says so instead of letting it wait
+for ever (``outbox.ordering``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -36,14 +44,14 @@ from celery.signals import (
     worker_process_shutdown,
     worker_shutdown,
 )
-from sqlalchemy import Integer, Text, Update, bindparam, case, func, or_, update
+from sqlalchemy import Integer, Text, Update, bindparam, case, delete, func, or_, update
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.clock import utcnow
 from outbox.idempotency import confirms_processing
 from outbox.ordering import FINAL_STATES, Place, finish, place_of, row_of_task
 from outbox.run_outcomes import recorded_state
-from outbox.schema import outbox_table
+from outbox.schema import outbox_table, workers_table
 from outbox.stores import store_for
 
 logger = logging.getLogger(__name__)
@@ -58,6 +66,9 @@ DEFAULT_FLUSH_INTERVAL = 0.25
 MAX_BATCH = 500
 #: Writes a key's hand-over is retried at before it is left to the relays' key keeper.
 HAND_OVER_TRIES = 20
+#: Seconds between two heartbeats of a worker process that runs outbox tasks; the key
+#: keeper takes a process silent for ``outbox.ordering.WORKER_GONE_AFTER`` as gone.
+WORKER_BEAT_INTERVAL = 10.0
 
 _t = outbox_table.c
 
@@ -134,6 +145,10 @@ class LifecycleTracker:
         self._statement: Update | None = None
         # Ordering keys whose hand-over could not be written yet: retried at each flush.
         self._hand_overs: list[_HandOver] = []
+        # This process as ``task_worker`` names it, once it has run an ordered task, and
+        # when it last beat (monotonic seconds).
+        self._worker: str | None = None
+        self._beaten_at: float | None = None
 
     def connect(self) -> LifecycleTracker:
         """Start recording (idempotent). Signals are process-wide, as in Celery."""
@@ -207,7 +222,18 @@ class LifecycleTracker:
             run.place = place
         with self._lock:
             self._runs[task_id] = run
-        if self.track_started:
+        if place is not None:
+            # An ordered task's key waits for this run: which process runs it is written
+            # at once, with that process's first heartbeat, so that the run is known
+            # started before it can do anything, and its process known alive.
+            self._worker = f"{getattr(task.request, 'hostname', None) or 'worker'}:{os.getpid()}"
+            self._queue(
+                run.row_id, "STARTED", run.started_at, None, None, None, ran=0, worker=self._worker
+            )
+            self._beat()
+            self.flush()
+            self._ensure_writer()
+        elif self.track_started:
             # Written at once (opt-in, like Celery's task_track_started): the point is to
             # see the task running while it runs.
             self._queue(run.row_id, "STARTED", run.started_at, None, None, None, ran=0)
@@ -314,6 +340,31 @@ class LifecycleTracker:
 
     def _on_shutdown(self, **_: Any) -> None:
         self.flush()
+        if self._worker is not None and self._worker_pid_is_mine():
+            # A process that stops on purpose has finished its tasks: its heartbeat goes.
+            try:
+                with self._resolve_engine().begin() as conn:
+                    conn.execute(delete(workers_table).where(workers_table.c.name == self._worker))
+            except Exception:
+                logger.debug("could not remove the worker's heartbeat", exc_info=True)
+
+    def _worker_pid_is_mine(self) -> bool:
+        return self._worker is not None and self._worker.endswith(f":{os.getpid()}")
+
+    def _beat(self) -> None:
+        """Write this process's heartbeat, if it runs ordered tasks and is due to."""
+        if self._worker is None or not self._worker_pid_is_mine():
+            return
+        now = time.monotonic()
+        if self._beaten_at is not None and now - self._beaten_at < WORKER_BEAT_INTERVAL:
+            return
+        self._beaten_at = now
+        try:
+            with self._resolve_engine().begin() as conn:
+                values = {"name": self._worker, "last_seen_at": self._clock()}
+                conn.execute(store_for(conn).upsert(workers_table, values, ["name"]))
+        except Exception:
+            logger.warning("could not write the worker's heartbeat", exc_info=True)
 
     def _queue(
         self,
@@ -325,6 +376,7 @@ class LifecycleTracker:
         retry_eta: datetime | None,
         *,
         ran: int,
+        worker: str | None = None,
     ) -> None:
         values = {
             "row_id": row_id,
@@ -334,6 +386,7 @@ class LifecycleTracker:
             "error": error,
             "retry_eta": retry_eta,
             "ran": ran,
+            "worker": worker,
         }
         with self._lock:
             self._pending.append(values)
@@ -368,6 +421,7 @@ class LifecycleTracker:
             self._wake.wait(self.flush_interval)
             self._wake.clear()
             self.flush()
+            self._beat()
 
     def _resolve_engine(self) -> Engine:
         if self._engine is None:
@@ -395,6 +449,7 @@ def _record_statement() -> Update:
         return case((newer, new), else_=column)
 
     error = bindparam("error", type_=Text())
+    worker = bindparam("worker", type_=_t.task_worker.type)
     return (
         update(outbox_table)
         .where(_t.id == bindparam("row_id"))
@@ -417,6 +472,8 @@ def _record_statement() -> Update:
             task_retry_eta=if_newer(
                 bindparam("retry_eta", type_=_t.task_retry_eta.type), _t.task_retry_eta
             ),
+            # The process of the newest run that said which it is (an ordered start).
+            task_worker=if_newer(func.coalesce(worker, _t.task_worker), _t.task_worker),
         )
     )
 

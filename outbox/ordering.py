@@ -35,18 +35,30 @@ from __future__ import annotations
 import enum
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from celery import Celery
-from sqlalchemy import ColumnElement, Table, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.errors import InvalidOrderingKeyError, KeyNotBlockedError
 from outbox.idempotency import ProcessedMessage, confirms_processing
-from outbox.schema import OutboxStatus, keys_table, outbox_table
+from outbox.schema import OutboxStatus, keys_table, outbox_table, workers_table
+from outbox.settings import DEFAULT_MAX_DELIVERIES
 from outbox.stores import Executor, RowUpdate, store_for
 
 logger = logging.getLogger(__name__)
@@ -67,9 +79,14 @@ KEY_WINDOW = 200
 
 #: Celery states after which a run is over for good, and whether it succeeded.
 FINAL_STATES = {"SUCCESS": True, "IGNORED": True, "FAILURE": False, "REJECTED": False}
+#: Seconds a worker process may go without a heartbeat (it beats every
+#: ``outbox.lifecycle.WORKER_BEAT_INTERVAL``) before the ordered task it started is
+#: taken for one that will never finish.
+WORKER_GONE_AFTER = 60.0
 
 _t = outbox_table.c
 _k = keys_table.c
+_w = workers_table.c
 _processed = cast(Table, ProcessedMessage.__table__).c
 
 #: SQL, between an outbox row and a key's row: the row is the task holding that key.
@@ -389,6 +406,11 @@ class KeyKeeperResult:
     blocked: int = 0
     #: Blocked keys handed on under ``on_failure=skip``.
     skipped: int = 0
+    #: Of ``blocked``, keys whose task's worker process is gone while it ran.
+    stuck: int = 0
+    #: Idempotent consumers' tasks whose worker process went while they ran, published
+    #: again.
+    republished: int = 0
 
 
 class KeyKeeper:
@@ -406,10 +428,12 @@ class KeyKeeper:
         on_failure: OnFailure,
         *,
         clock: Callable[[], datetime],
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
     ) -> None:
         self.engine = engine
         self.celery_app = celery_app
         self.on_failure = on_failure
+        self.max_deliveries = max_deliveries
         self._clock = clock
         #: Where the previous window of busy keys ended (its last ``head_since`` and key),
         #: or ``None`` to start from the oldest.
@@ -418,9 +442,15 @@ class KeyKeeper:
     def run_once(self) -> KeyKeeperResult:
         now = self._clock()
         blocked = self._block_dead_heads(now)
-        handed_on, failed = self._hand_on_finished(now)
+        handed_on, failed, stuck, republished = self._look_at_busy_keys(now)
         skipped = self._skip_blocked(now) if self.on_failure == OnFailure.SKIP else 0
-        return KeyKeeperResult(handed_on=handed_on, blocked=blocked + failed, skipped=skipped)
+        return KeyKeeperResult(
+            handed_on=handed_on,
+            blocked=blocked + failed + stuck,
+            skipped=skipped,
+            stuck=stuck,
+            republished=republished,
+        )
 
     def _block_dead_heads(self, now: datetime) -> int:
         # Read from the dead rows (their own small index), not from the keys.
@@ -441,7 +471,7 @@ class KeyKeeper:
             for row in rows
         )
 
-    def _hand_on_finished(self, now: datetime) -> tuple[int, int]:
+    def _look_at_busy_keys(self, now: datetime) -> tuple[int, int, int, int]:
         # Busy keys in the order their task took them (``head_since``, then the key), from
         # where the last window ended: the busy-keys index, which holds no idle key on
         # PostgreSQL and SQLite, and puts them first (NULL) on MariaDB, where it holds
@@ -472,12 +502,34 @@ class KeyKeeper:
             )
             .where(_t.status == OutboxStatus.DISPATCHED, _t.task_state.in_(list(FINAL_STATES)))
         )
+        # Started by a worker process that has stopped beating: that run will never end.
+        gone_since = now - timedelta(seconds=WORKER_GONE_AFTER)
+        beating = exists().where(
+            _w.name == _t.task_worker,
+            _w.last_seen_at > bindparam("gone_since", gone_since, type_=_w.last_seen_at.type),
+        )
+        orphaned = (
+            select(w.key, w.head_seq, _t.id, _t.task_name, _t.task_worker, _t.deliveries)
+            .select_from(
+                window.join(
+                    outbox_table, (_t.ordering_key == w.key) & (_t.ordering_seq == w.head_seq)
+                )
+            )
+            .where(
+                _t.status == OutboxStatus.DISPATCHED,
+                _t.task_state == "STARTED",
+                _t.task_worker.is_not(None),
+                ~beating,
+            )
+        )
         with self.engine.connect() as conn:
             seen = conn.execute(
                 select(w.head_since, w.key).order_by(w.head_since.desc(), w.key.desc())
             ).all()
             rows = conn.execute(finished).all()
+            lost = conn.execute(orphaned).all()
         self._after = (seen[0][0], seen[0][1]) if len(seen) >= KEY_WINDOW else None
+        stuck, republished = self._orphaned(lost, now)
         handed_on = failed = 0
         for row in rows:
             task = self.celery_app.tasks.get(row.task_name)
@@ -494,7 +546,57 @@ class KeyKeeper:
                     failed += 1
         if handed_on:
             logger.info("%d ordering key(s) handed on after their task finished", handed_on)
-        return handed_on, failed
+        return handed_on, failed, stuck, republished
+
+    def _orphaned(self, rows: Sequence[Any], now: datetime) -> tuple[int, int]:
+        """Keys whose task's worker process stopped beating while it ran: an idempotent
+        consumer's task is published again (a repeat is safe, and its message went with
+        the process unless it is acknowledged late); any other task's key is blocked as
+        stuck, since running it again could repeat what it did. Returns (stuck,
+        published again)."""
+        stuck = republished = 0
+        for row in rows:
+            task = self.celery_app.tasks.get(row.task_name)
+            why = (
+                f"its worker process {row.task_worker} stopped beating (no heartbeat for "
+                f"{WORKER_GONE_AFTER:g}s) while running it"
+            )
+            if task is not None and confirms_processing(task):
+                if row.deliveries < self.max_deliveries:
+                    republished += self._republish_orphan(row.id, row.task_worker, why, now)
+                    continue
+                why += f", after {row.deliveries} deliveries"
+            if self._finish(Place(row.key, row.head_seq), now, error=f"stuck: {why}"):
+                stuck += 1
+        if stuck or republished:
+            logger.warning(
+                "%d ordering key(s) stuck at a task whose worker process is gone (blocked, "
+                "see `outbox keys --blocked`), %d such task(s) published again",
+                stuck,
+                republished,
+            )
+        return stuck, republished
+
+    def _republish_orphan(self, row_id: int, worker: str, why: str, now: datetime) -> int:
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(outbox_table)
+                .where(
+                    _t.id == row_id,
+                    _t.status == OutboxStatus.DISPATCHED,
+                    _t.task_state == "STARTED",
+                    _t.task_worker == worker,
+                )
+                .values(
+                    status=OutboxStatus.PENDING,
+                    available_at=now,
+                    task_state=None,
+                    last_error=f"{why}: published again",
+                )
+            ).rowcount
+            if changed:
+                store_for(conn).wake_relays(conn)
+            return int(changed)
 
     def _skip_blocked(self, now: datetime) -> int:
         with self.engine.connect() as conn:
@@ -513,6 +615,10 @@ class KeyKeeper:
                     unblock(conn, key, UnblockAction.SKIP, now)
             except KeyNotBlockedError:
                 continue  # resolved meanwhile
+            except Exception:
+                # One key that cannot be skipped must not keep the others blocked.
+                logger.exception("could not skip blocked ordering key %r", key)
+                continue
             skipped += 1
         if skipped:
             logger.warning("%d blocked ordering key(s) skipped (on_failure=skip)", skipped)

@@ -169,7 +169,11 @@ class Relay:
         )
         self.heartbeat = Heartbeat(engine, self.store, kind)
         self.key_keeper = KeyKeeper(
-            engine, celery_app, OnFailure(self.settings.ordering_on_failure), clock=clock
+            engine,
+            celery_app,
+            OnFailure(self.settings.ordering_on_failure),
+            clock=clock,
+            max_deliveries=self.settings.max_deliveries,
         )
         self._clock = clock
         #: Called after each message reaches the broker and before its row is marked:

@@ -171,6 +171,10 @@ class OutboxMessage(Base):
     #: When the latest run asked to be retried (``self.retry(countdown=...)``), when that
     #: retry is due: the task is alive until then, however long the countdown.
     task_retry_eta: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The worker process running the task (``node:pid``), recorded as an ordered task
+    #: starts: while it runs, its key waits, and if that process stops beating
+    #: (``celery_outbox_workers``) the key is reported stuck (``outbox.ordering``).
+    task_worker: Mapped[str | None] = mapped_column(String(255))
     #: Tasks with the same key run one after another, in the order their enqueuing
     #: transactions committed (``outbox.ordering``); NULL for unordered tasks.
     ordering_key: Mapped[str | None] = mapped_column(String(255))
@@ -273,6 +277,21 @@ class RelayHeartbeat(Base):
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
+class WorkerHeartbeat(Base):
+    """When a worker process that runs outbox tasks last said it was alive.
+
+    Written by lifecycle tracking in each worker process (``outbox.lifecycle``): an
+    ordered task started by a process that no longer beats will never finish, and its
+    key would wait for ever without this.
+    """
+
+    __tablename__ = "celery_outbox_workers"
+
+    #: ``node:pid``: Celery's node name and the process id, as ``task_worker`` names it.
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
 class RelayListener(Base):
     """A relay loop listening for commits (PostgreSQL), and whether it waits right now.
 
@@ -365,6 +384,7 @@ class OrderingKey(Base):
 
 
 relays_table = cast(Table, RelayHeartbeat.__table__)
+workers_table = cast(Table, WorkerHeartbeat.__table__)
 listeners_table = cast(Table, RelayListener.__table__)
 keys_table = cast(Table, OrderingKey.__table__)
 brokers_table = cast(Table, BrokerIdentity.__table__)

@@ -51,3 +51,16 @@ def notify_plainly(self: Any, order_id: int, event: str) -> None:
 
     fulfilment.notify_customer(order_id, task_id=self.request.id, event=event)
     db.session.commit()
+
+
+@app.task(name="tests.hold_key_plainly", bind=True)
+def hold_key_plainly(self: Any, order_id: int, event: str) -> None:
+    """A plain ordered task (acknowledged on receipt) whose first run holds its key until
+    its worker process is killed; later runs notify at once."""
+    from webapp.extensions import db
+
+    if first_time(self.request.id, "hold"):
+        with app.connection_for_write() as conn:
+            conn.default_channel.client.blpop(f"tests:release:{self.request.id}", timeout=60)
+    fulfilment.notify_customer(order_id, task_id=self.request.id, event=event)
+    db.session.commit()

@@ -220,7 +220,8 @@ def test_a_requeued_rejection_neither_blocks_its_key_nor_lets_the_next_task_over
     first = shapes.enqueue("shapes.requeue_once", "paid", key="order:1")
     shapes.enqueue("shapes.record_plainly", "shipped", key="order:1")
     shapes.publish()
-    wait_for(lambda: shapes.state_of(first)[1] == REQUEUED)
+    # The second run has begun (and waits): the first one's end is written by then.
+    wait_for(lambda: shapes.runs.get((first, "shapes.requeue_once")) == 2)
     assert [] == shapes.blocked_keys(), "a requeued run does not stop its key"
     assert 0 == shapes.publish(), "nor lets the next task go before it"
     shapes.second_run_may_go.set()

@@ -1,4 +1,4 @@
-"""Where each row was published to, and a key's places unique.
+"""Where each row was published to, a key's places unique, and the workers' heartbeats.
 
 ``published_queue``, ``published_exchange`` and ``published_routing_key`` record the
 route the relay published a row's task to (the task's own ``queue=``, ``task_routes``,
@@ -13,6 +13,10 @@ a dead row of it was kept may hold a repeated pair; the index then cannot be bui
 the pair must be resolved by hand first (``SELECT ordering_key, ordering_seq, count(*)
 FROM celery_outbox GROUP BY 1, 2 HAVING count(*) > 1``).
 
+``task_worker`` names the worker process an ordered task started in, and
+``celery_outbox_workers`` holds when each such process last beat: a key whose task's
+process stopped beating is reported stuck instead of waiting for ever.
+
 Revision ID: outbox_0008
 Revises: outbox_0007
 Create Date: 2026-12-07
@@ -22,11 +26,15 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import mysql
 
 revision = "outbox_0008"
 down_revision = "outbox_0007"
 branch_labels = None
 depends_on = None
+
+# UTC timestamps with microseconds on MariaDB and MySQL, as in the earlier revisions.
+TIMESTAMP = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 ROUTE_COLUMNS = ("published_queue", "published_exchange", "published_routing_key")
 
@@ -44,15 +52,22 @@ def _ordering_index(*, unique: bool) -> None:
 
 def upgrade() -> None:
     with op.batch_alter_table("celery_outbox") as batch:
-        for name in ROUTE_COLUMNS:
+        for name in (*ROUTE_COLUMNS, "task_worker"):
             batch.add_column(sa.Column(name, sa.String(255), nullable=True))
     op.drop_index("ix_celery_outbox_ordering", table_name="celery_outbox")
     _ordering_index(unique=True)
+    op.create_table(
+        "celery_outbox_workers",
+        sa.Column("name", sa.String(255), nullable=False),
+        sa.Column("last_seen_at", TIMESTAMP, nullable=False),
+        sa.PrimaryKeyConstraint("name", name="pk_celery_outbox_workers"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("celery_outbox_workers")
     op.drop_index("ix_celery_outbox_ordering", table_name="celery_outbox")
     _ordering_index(unique=False)
     with op.batch_alter_table("celery_outbox") as batch:
-        for name in ROUTE_COLUMNS:
+        for name in (*ROUTE_COLUMNS, "task_worker"):
             batch.drop_column(name)
