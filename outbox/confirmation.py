@@ -8,7 +8,12 @@ the outbox watches for the ways a published message disappears without running:
 1. **The broker lost its data.** Redis restarted without persistence, was flushed, or
    failed over to an empty replica. The relays keep a marker in the broker and the
    broker's instance id in ``celery_outbox_brokers``; when the marker is gone, every
-   unconfirmed task published before the loss is published again at once.
+   unconfirmed task published before the loss is published again at once. Redis may
+   also lose only its latest writes (restored from an older copy, a lagging replica
+   promoted, a restart before its AOF was synced): each check advances a counter in the
+   broker (its epoch) with the check's time, so a broker whose epoch went back, or that
+   restarted, tells when its data ends, and the unconfirmed tasks dispatched since then
+   that it does not hold are published again.
 2. **The broker lost one message.** kombu's Redis transport pops a message and records
    it as unacknowledged in two steps; a worker killed in between takes it along. For
    tasks acknowledged late (``acks_late``: the message stays on the broker until the
@@ -185,7 +190,7 @@ class Confirmation:
         b = brokers_table.c
         with self.engine.connect() as conn:
             known = conn.execute(
-                select(b.data_marker, b.run_id).where(b.broker == self.probe.name)
+                select(b.data_marker, b.run_id, b.epoch).where(b.broker == self.probe.name)
             ).one_or_none()
         try:
             state = (
@@ -198,16 +203,11 @@ class Confirmation:
             return ConfirmationResult()
         if state is None:
             return ConfirmationResult()
-        if known is not None and known.data_marker == state.data_marker:
-            if known.run_id != state.run_id:
-                logger.info(
-                    "broker %s restarted (run_id %s) with its data", state.broker, state.run_id
-                )
-                self._remember(state, now)
-            return ConfirmationResult()
         if known is None:
             self._remember(state, now)
             return ConfirmationResult()
+        if known.data_marker == state.data_marker:
+            return self._recover_lost_writes(known.run_id, known.epoch, state, now)
         restarted = known.run_id != state.run_id and state.started_at is not None
         lost_at = state.started_at if restarted and state.started_at is not None else now
         how = f"restarted at {lost_at:%H:%M:%S} without it" if restarted else "its marker vanished"
@@ -229,15 +229,110 @@ class Confirmation:
         )
         return ConfirmationResult(republished=republished, broker_data_lost=True)
 
+    def _recover_lost_writes(
+        self, known_run_id: str | None, known_epoch: int | None, state: BrokerState, now: datetime
+    ) -> ConfirmationResult:
+        """The broker kept its marker: look for what it was given after the last check
+        its data remembers, if that data may be older than what it acknowledged.
+
+        - Its epoch is no higher than one recorded before: the data is an older copy (a
+          snapshot or backup restored, a lagging replica promoted), and whatever came after
+          the copy's last check is gone. Every relay's check advances the epoch before it
+          records it, so the broker's only ever exceeds the recorded one while its data
+          goes on, however many relays check at once.
+        - It restarted (a new instance) with its epoch going on: its data holds the last
+          check, but writes after that check may still be missing where persistence or
+          replication lags behind (an AOF synced every second, an RDB snapshot, an
+          asynchronous replica).
+
+        Either way, the tasks dispatched since that check and not held by the broker are
+        published again (the consumer skips one it has processed); a restart that kept
+        every write holds them all, and nothing is published."""
+        set_back = (
+            known_epoch is not None and state.epoch is not None and state.epoch <= known_epoch
+        )
+        restarted = known_run_id != state.run_id
+        if not set_back and not restarted:
+            self._remember_epoch(state, now)
+            return ConfirmationResult()
+        if not set_back and state.previous_check_at is None:
+            # A broker that remembers no check: a restart loses nothing it acknowledged.
+            logger.info("broker %s restarted (run_id %s) with its data", state.broker, state.run_id)
+            self._remember(state, now)
+            return ConfirmationResult()
+        since = state.previous_check_at
+        as_of = "an unknown moment" if since is None else f"{since:%H:%M:%S}"
+        held_epoch = (state.epoch or 1) - 1  # what the broker held before this check
+        how = (
+            f"was restored from a copy of its data as of {as_of} (its epoch went back to "
+            f"{held_epoch} from {known_epoch})"
+            if set_back
+            else f"restarted (run_id {state.run_id}) with its data as of {as_of}"
+        )
+        republished = self._republish_unheld_since(
+            since, now, f"not held by the broker after it {how}"
+        )
+        self._remember(state, now)
+        log = logger.warning if set_back or republished else logger.info
+        log(
+            "broker %s %s: unconfirmed tasks dispatched since and not held: %d published again",
+            state.broker,
+            how,
+            republished,
+        )
+        return ConfirmationResult(republished=republished, broker_data_lost=set_back)
+
+    def _republish_unheld_since(self, since: datetime | None, now: datetime, reason: str) -> int:
+        """Publish again the unconfirmed tasks dispatched since ``since`` (all of them if
+        ``None``) whose messages the broker does not hold.
+
+        ``since`` is by the clock of the relay that checked, a task's dispatch by its own
+        relay's: the slack covers clocks a little apart. Up to ``BATCH_ROWS`` such tasks
+        are looked for on the broker; beyond that, or when the broker cannot tell, every
+        one is published again, and so is one published to an exchange without a queue
+        of its own (a duplicate costs its consumer a lookup, a lost task an hour)."""
+        window = [_t.status == OutboxStatus.DISPATCHED, _t.confirm_deadline.is_not(None)]
+        if since is not None:
+            window.append(_t.dispatched_at >= since - RESTART_SLACK)
+        with self.engine.connect() as conn:
+            rows = self._watched(conn, *window)
+        if not rows:
+            return 0
+        queues = {row.task_id: queue for row in rows if (queue := self._queue_of(row))}
+        held = self._held_in(queues) if len(rows) < BATCH_ROWS else None
+        values = self._republish_values(now, reason)
+        if held is None:
+            ids = select(_t.id).where(*window, ~self._processed())
+            return self._update_in_batches(ids, **values)
+        unheld = [row.id for row in rows if row.task_id not in held]
+        return self._update_ids(unheld, still_unconfirmed=True, **values)
+
     def _remember(self, state: BrokerState, now: datetime) -> None:
+        """Record the broker's identity as it is now, its epoch included (set back, after
+        a restore: the relays compare the next checks with the restored data's)."""
         values = {
             "broker": state.broker,
             "data_marker": state.data_marker,
             "run_id": state.run_id,
+            "epoch": state.epoch,
             "checked_at": now,
         }
         with self.engine.begin() as conn:
             conn.execute(self.store.upsert(brokers_table, values, ["broker"]))
+
+    def _remember_epoch(self, state: BrokerState, now: datetime) -> None:
+        """Record the broker's epoch if no relay recorded a higher one: relays checking
+        at once each advance it, and the one that records last must not set it back (the
+        loss of what came between the two checks would go unnoticed)."""
+        if state.epoch is None:
+            return
+        b = brokers_table.c
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(brokers_table)
+                .where(b.broker == state.broker, b.epoch.is_(None) | (b.epoch < state.epoch))
+                .values(epoch=state.epoch, checked_at=now)
+            )
 
     # -- 2. the broker lost one message ---------------------------------------------
 

@@ -328,6 +328,9 @@ class BrokerIdentity(Base):
     data_marker: Mapped[str] = mapped_column(String(64), nullable=False)
     #: The server's own instance id (Redis ``run_id``), which changes at every restart.
     run_id: Mapped[str | None] = mapped_column(String(64))
+    #: The highest check count the broker reported (``BrokerState.epoch``): a broker that
+    #: later reports one no higher is an older copy of itself, and lost what came after.
+    epoch: Mapped[int | None] = mapped_column(BigInteger)
     checked_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 

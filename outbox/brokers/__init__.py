@@ -7,7 +7,8 @@ Three questions, each answered as well as the broker family allows:
   is only the broker's fault if it does not (a queue missing from ``task_queues``
   raises such an error too, and must not stall every row behind it).
 - :meth:`BrokerProbe.state`: which instance is this, and does it still hold what it was
-  given? A broker that restarted without its data lost every message it held.
+  given? A broker that restarted without its data lost every message it held; one
+  restored from an older copy of its data lost what it was given after the copy.
 - :meth:`BrokerProbe.held_task_ids`: which tasks' messages does it hold (queued, or
   delivered to a consumer and not yet acknowledged)? A task that is neither held nor
   recorded by its consumer is lost.
@@ -46,6 +47,15 @@ class BrokerState:
     run_id: str | None
     #: When that instance started, by the caller's clock (``None`` if unknown).
     started_at: datetime | None
+    #: How many times the broker's state was read, this read included: a count kept in
+    #: the broker's own data, so that a restore from an older copy of it (an earlier
+    #: snapshot, a backup, a lagging replica promoted) sets it back (``None`` if the
+    #: broker keeps none).
+    epoch: int | None = None
+    #: When the read before this one was made, by its reader's clock, as the broker's data
+    #: remembers it: the data is at least that recent, and anything given to the broker
+    #: since may be missing from a copy (``None`` if it remembers no read).
+    previous_check_at: datetime | None = None
 
 
 class BrokerProbe(ABC):

@@ -1,5 +1,12 @@
-"""Redis: ``INFO server`` for restarts, a marker key for lost data, and the queue lists
-plus kombu's ``unacked`` hash for the messages it holds.
+"""Redis: ``INFO server`` for restarts, a marker key for lost data, a check count for
+data set back to an older copy, and the queue lists plus kombu's ``unacked`` hash for
+the messages it holds.
+
+The marker is written once: a Redis restored from an older snapshot or AOF, or a replica
+promoted while it lagged, still holds it and has lost only its most recent writes. So
+every check also counts itself in the broker (``EPOCH_KEY``, with the time of the latest
+check), in the same ``MULTI`` as it reads the marker: the count only grows while the data
+goes on, and a copy holds the count and the time of the last check before it was taken.
 
 kombu keeps a queue as a list per priority step (``queue``, ``queue\\x06\\x163``, ...)
 and every message delivered to a consumer but not yet acknowledged in one ``unacked``
@@ -19,7 +26,7 @@ import threading
 import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
@@ -30,6 +37,9 @@ from outbox.clock import Clock, utcnow
 
 #: The key the relays plant in the broker: its disappearance means the data is gone.
 DATA_MARKER_KEY = "celery_outbox:data_marker"
+#: A hash of the checks the relays made of the broker's state: ``epoch`` counts them, ``at``
+#: says when the latest was made (ISO 8601, by its relay's clock).
+EPOCH_KEY = "celery_outbox:epoch"
 #: Messages (queued plus unacknowledged) read in one snapshot at most. Beyond that the
 #: broker holds a backlog, and telling which tasks it holds would cost more than waiting.
 MAX_MESSAGES_READ = 10_000
@@ -77,19 +87,26 @@ class RedisProbe(BrokerProbe):
         planted = uuid.uuid4().hex
         with self._connection() as conn:
             client, prefix = _client(conn), _prefix(conn)
-            key = prefix + DATA_MARKER_KEY
+            key, epoch_key = prefix + DATA_MARKER_KEY, prefix + EPOCH_KEY
             now = self._clock()
+            # One MULTI: the previous check's time is read from the same data the count
+            # goes on from, however many relays check at once.
             with client.pipeline(transaction=True) as pipe:
                 pipe.info("server")
                 pipe.set(key, planted, nx=True)
                 pipe.get(key)
-                info, _, marker = pipe.execute()
+                pipe.hget(epoch_key, "at")
+                pipe.hincrby(epoch_key, "epoch", 1)
+                pipe.hset(epoch_key, "at", now.isoformat())
+                info, _, marker, previous_at, epoch, _ = pipe.execute()
             uptime = info.get("uptime_in_seconds")
             return BrokerState(
                 broker=broker_name(conn),
                 data_marker=_text(marker),
                 run_id=_text(info["run_id"]) if info.get("run_id") else None,
                 started_at=None if uptime is None else now - timedelta(seconds=int(uptime)),
+                epoch=int(epoch),
+                previous_check_at=_moment(previous_at),
             )
 
     def held_task_ids(self, queues: Collection[str]) -> set[str] | None:
@@ -132,6 +149,18 @@ def _prefix(conn: Any) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _moment(value: Any) -> datetime | None:
+    """A check's time as ``EPOCH_KEY`` keeps it; ``None`` for none, or one unreadable (a
+    hand-edited key): then no moment of the data is known."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(_text(value))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
 
 
 def _unacked_message(raw: bytes | str) -> Any:

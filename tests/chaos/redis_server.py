@@ -3,11 +3,14 @@
 The machine's Redis is never touched. ``persistent=True`` keeps an append-only file
 synced on every write (what Redis acknowledged survives a kill, and the file is the
 broker's history); ``persistent=False`` keeps nothing, as a development Redis or a
-managed one failing over to an empty replica: a restart loses every message.
+managed one failing over to an empty replica: a restart loses every message. Such a
+server can also be given an older copy of its data (an RDB file the test saved earlier)
+to restart from, as a restore from a backup or a promoted lagging replica would.
 """
 
 from __future__ import annotations
 
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +59,21 @@ class RedisServer:
     def kill(self) -> None:
         if self.process is not None:
             self.process.kill()
+
+    def snapshot(self, name: str) -> Path:
+        """Save the data set as it is now (``SAVE``) and keep a copy of the file aside."""
+        self.client.save()
+        copy = self.log_dir / f"{name}.rdb"
+        shutil.copyfile(self.data_dir / "dump.rdb", copy)
+        return copy
+
+    def restart_from(self, snapshot: Path) -> None:
+        """Kill the server and start it on ``snapshot``'s data: whatever was written after
+        the copy was taken is gone, the keys it held (the relays' marker) are not."""
+        assert not self.persistent, "an append-only file would be loaded instead"
+        self.kill()
+        shutil.copyfile(snapshot, self.data_dir / "dump.rdb")
+        self.start()
 
     def answers(self) -> bool:
         try:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import uuid
 
+import redis
 from celery import Celery
 from kombu import Queue
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from outbox import OutboxSettings, OutboxStatus, Relay, TaskOutbox, outbox_table
-from outbox.brokers import probe_for
+from outbox.brokers import BrokerState, probe_for
 from outbox.brokers.amqp import DATA_MARKER_PREFIX, AmqpProbe
+from outbox.brokers.redis import EPOCH_KEY, RedisProbe
 from outbox.confirmation import Confirmation
 from outbox.schema import brokers_table
 from outbox.stores import store_for
@@ -121,3 +123,62 @@ def _remembered_marker(engine: Engine, broker: str) -> str:
             select(brokers_table.c.data_marker).where(brokers_table.c.broker == broker)
         ).scalar_one()
     return marker
+
+
+def test_relays_checking_redis_in_turn_see_no_loss(
+    engine: Engine, celery_app: Celery, redis_client: redis.Redis
+) -> None:
+    """Two relays check the same Redis in turn, with tasks published between their
+    checks: each advances the broker's epoch past what the other recorded, nothing is
+    taken for lost, and the highest epoch is the one recorded."""
+    queue = f"epoch-{uuid.uuid4().hex[:8]}"
+    relays = [Relay(engine, celery_app), Relay(engine, celery_app)]
+    try:
+        for relay in relays * 3:
+            with Session(engine) as session:
+                TaskOutbox(celery_app).apply_async(
+                    notify_customer, args=(1,), queue=queue, session=session
+                )
+                session.commit()
+            assert 1 == relay.drain(maintain=False).published
+            result = relay.confirmation.run_once()
+            assert (0, False) == (result.republished, result.broker_data_lost)
+    finally:
+        redis_client.delete(queue)
+    assert int(redis_client.hget(EPOCH_KEY, "epoch") or 0) == _remembered_epoch(engine)
+
+
+class CheckedMeanwhile(RedisProbe):
+    """A relay's probe that is slow to report: another relay makes a whole check between
+    its read of the broker and its record of the epoch it read."""
+
+    def __init__(self, celery_app: Celery, other: Relay) -> None:
+        super().__init__(celery_app)
+        self.other = other
+
+    def state(
+        self, known_marker: str | None = None, known_run_id: str | None = None
+    ) -> BrokerState:
+        state = super().state(known_marker, known_run_id)
+        assert not self.other.confirmation.run_once().broker_data_lost
+        return state
+
+
+def test_a_relay_recording_last_keeps_the_higher_epoch(
+    engine: Engine, celery_app: Celery, redis_client: redis.Redis
+) -> None:
+    """The relay whose record comes last read the lower epoch: the higher one stays
+    recorded (a restore to a copy between the two checks would otherwise go unseen), and
+    neither relay takes anything for lost."""
+    fast = Relay(engine, celery_app)
+    slow = Relay(engine, celery_app, probe=CheckedMeanwhile(celery_app, fast))
+    assert not fast.confirmation.run_once().broker_data_lost
+    for relay in (slow, fast, slow):
+        assert not relay.confirmation.run_once().broker_data_lost
+    assert int(redis_client.hget(EPOCH_KEY, "epoch") or 0) == _remembered_epoch(engine)
+
+
+def _remembered_epoch(engine: Engine) -> int | None:
+    with engine.connect() as conn:
+        epoch: int | None = conn.execute(select(brokers_table.c.epoch)).scalar_one()
+    return epoch

@@ -62,9 +62,14 @@ def upgrade() -> None:
         sa.Column("last_seen_at", TIMESTAMP, nullable=False),
         sa.PrimaryKeyConstraint("name", name="pk_celery_outbox_workers"),
     )
+    # The brokers' check count, to notice a broker restored from an older copy of its data.
+    with op.batch_alter_table("celery_outbox_brokers") as batch:
+        batch.add_column(sa.Column("epoch", sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("celery_outbox_brokers") as batch:
+        batch.drop_column("epoch")
     op.drop_table("celery_outbox_workers")
     op.drop_index("ix_celery_outbox_ordering", table_name="celery_outbox")
     _ordering_index(unique=False)
