@@ -52,13 +52,15 @@ from sqlalchemy.engine import Connection, Engine
 from outbox.brokers import BrokerProbe, BrokerState
 from outbox.clock import Clock, utcnow
 from outbox.idempotency import ProcessedMessage
-from outbox.schema import OutboxStatus, brokers_table, outbox_table
+from outbox.ordering import HOLDS_ITS_KEY, Place, finish
+from outbox.schema import OutboxStatus, brokers_table, keys_table, outbox_table
 from outbox.settings import OutboxSettings
 from outbox.stores import Store
 
 logger = logging.getLogger(__name__)
 
 _t = outbox_table.c
+_k = keys_table.c
 _processed = cast(Table, ProcessedMessage.__table__).c
 
 #: Rows examined or changed per statement, each statement its own transaction.
@@ -123,6 +125,10 @@ class _Watched:
     #: Where the relay published it (``None`` for rows published before it recorded).
     published_queue: str | None
     published_exchange: str | None
+    ordering_key: str | None
+    ordering_seq: int | None
+    #: Awaiting its consumer's confirmation (an idempotent consumer's task).
+    watched: bool
 
 
 class Confirmation:
@@ -340,11 +346,14 @@ class Confirmation:
         if self._absent_checked_at is not None and now - self._absent_checked_at < ABSENT_TWICE_GAP:
             return ConfirmationResult()  # too soon to tell a message in transit from a lost one
         self._absent_checked_at = now
+        dispatched_by = now - timedelta(seconds=LOST_AFTER)
         rows = [
             row
-            for row in self._unconfirmed(now - timedelta(seconds=LOST_AFTER))
+            for row in self._unconfirmed(dispatched_by)
             if self._held_until_finished(row.task_name)
         ]
+        seen = {row.id for row in rows}
+        rows += [row for row in self._unstarted_heads(dispatched_by) if row.id not in seen]
         held = self._held(rows)
         if held is None:
             self._absent.clear()
@@ -356,19 +365,47 @@ class Confirmation:
             return ConfirmationResult()
         expired = [row for row in lost if _expired(row.options, now)]
         lost = [row for row in lost if row not in expired]
+        why = "its message was neither queued nor held by a worker at two checks"
+        plain = [row for row in lost if not row.watched]
         result = self._give_up_on_expired(expired)
-        result += self._give_another_delivery(
-            lost, now, "its message was neither queued nor held by a worker at two checks"
-        )
+        result += self._give_another_delivery([row for row in lost if row.watched], now, why)
+        stuck = self._stop_keys(plain, now, f"stuck: {why}, and it never started")
         logger.warning(
             "%d task(s) lost by the broker (neither queued nor held by a worker, and not "
-            "confirmed): %d published again, %d dead after %d deliveries",
+            "confirmed or started): %d published again, %d dead after %d deliveries, %d "
+            "ordering key(s) stuck at a task that is not an idempotent consumer (blocked)",
             len(lost),
             result.republished,
             result.dead,
             self.settings.max_deliveries,
+            stuck,
         )
         return result
+
+    def _unstarted_heads(self, dispatched_by: datetime) -> list[_Watched]:
+        """Ordered tasks holding their key, dispatched by then and not started: an
+        ordered task's start is written as it begins (``outbox.lifecycle``), so one whose
+        message has gone from the broker without a start is lost, idempotent or not."""
+        with self.engine.connect() as conn:
+            return self._watched(
+                conn,
+                _t.status == OutboxStatus.DISPATCHED,
+                _t.ordering_key.is_not(None),
+                _t.task_state.is_(None),
+                _t.dispatched_at <= dispatched_by,
+                exists().where(HOLDS_ITS_KEY, _k.blocked_at.is_(None)),
+            )
+
+    def _stop_keys(self, rows: list[_Watched], now: datetime, why: str) -> int:
+        """Block the keys of lost tasks that are not idempotent consumers: one may have
+        run in part after all (its start not written), so a person decides (``unblock``)."""
+        stopped = 0
+        for row in rows:
+            if row.ordering_key is None or row.ordering_seq is None:
+                continue
+            with self.engine.begin() as conn:
+                stopped += finish(conn, Place(row.ordering_key, row.ordering_seq), now, error=why)
+        return stopped
 
     def queues_deleted(self, queues: Collection[str], now: datetime) -> ConfirmationResult:
         """The broker no longer has ``queues`` (a relay found out publishing to them):
@@ -529,13 +566,17 @@ class Confirmation:
                 _t.task_retry_eta,
                 _t.published_queue,
                 _t.published_exchange,
+                _t.ordering_key,
+                _t.ordering_seq,
+                _t.confirm_deadline.is_not(None).label("watched"),
             )
             .where(*where, ~self._processed())
             .order_by(_t.confirm_deadline)
             .limit(BATCH_ROWS)
         )
         return [
-            _Watched(**{**row._mapping, "task_id": str(row.task_id)}) for row in conn.execute(query)
+            _Watched(**{**row._mapping, "task_id": str(row.task_id), "watched": bool(row.watched)})
+            for row in conn.execute(query)
         ]
 
     def _give_up_on_expired(self, rows: list[_Watched]) -> ConfirmationResult:

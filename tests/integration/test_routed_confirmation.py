@@ -90,7 +90,12 @@ pytestmark = pytest.mark.filterwarnings(QUEUE_ATTRIBUTE)
     ("name", "queue"), [("routed.email", "queue"), ("routed.by_region", "by_region")]
 )
 def test_a_routed_task_waiting_in_its_queue_is_neither_lost_nor_published_again(
-    engine: Engine, routed: Routed, broker_url: str, name: str, queue: str
+    engine: Engine,
+    routed: Routed,
+    broker_url: str,
+    name: str,
+    queue: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Each check finds the messages in their queue: none is published again, through
     the lost-message checks and past the confirmation timeout alike."""
@@ -103,6 +108,7 @@ def test_a_routed_task_waiting_in_its_queue_is_neither_lost_nor_published_again(
     clock = Clock()
     settings = OutboxSettings(confirm_timeout=60)
     relay = Relay(engine, routed.app, settings, clock=clock)
+    request.addfinalizer(relay.close)  # the AMQP publisher's connection is its own
     assert TASKS == relay.drain(maintain=False).published
     with engine.connect() as conn:
         recorded = set(conn.scalars(select(outbox_table.c.published_queue)))
@@ -128,7 +134,7 @@ def test_a_routed_task_waiting_in_its_queue_is_neither_lost_nor_published_again(
 
 
 def test_a_routed_task_whose_message_is_gone_is_published_again_to_its_queue(
-    engine: Engine, routed: Routed
+    engine: Engine, routed: Routed, request: pytest.FixtureRequest
 ) -> None:
     """The recorded queue is also where a loss is seen: emptied, it gets the task again."""
     outbox = TaskOutbox(routed.app)
@@ -137,6 +143,7 @@ def test_a_routed_task_whose_message_is_gone_is_published_again_to_its_queue(
         session.commit()
     clock = Clock()
     relay = Relay(engine, routed.app, OutboxSettings(confirm_timeout=60), clock=clock)
+    request.addfinalizer(relay.close)
     assert 1 == relay.drain(maintain=False).published
     with routed.app.connection_for_write() as conn:
         conn.default_channel.queue_purge(routed.by_region)

@@ -14,8 +14,10 @@ from celery import Celery
 from sqlalchemy import Engine, select
 
 from outbox import KeyNotBlockedError, Relay, TaskOutbox, UnblockAction, outbox_table, unblock
+from outbox.confirmation import ABSENT_TWICE_GAP, LOST_AFTER
 from outbox.ordering import WORKER_GONE_AFTER, active_keys
 from tests.integration.test_delivery import make_order
+from tests.integration.test_lost_messages import Clock
 from tests.integration.test_ordering import events
 from tests.services import wait_for
 
@@ -103,3 +105,31 @@ def test_unblock_refuses_a_key_whose_task_runs_on_a_live_worker(
 def active_keys_blocked(engine: Engine) -> list[str]:
     with engine.connect() as conn:
         return [state.key for state in active_keys(conn, blocked_only=True)]
+
+
+def test_a_plain_ordered_task_whose_message_is_lost_before_it_starts_blocks_its_key(
+    engine: Engine, celery_app: Celery, redis_client: redis.Redis
+) -> None:
+    """On Redis, a plain ordered task whose message is neither queued nor held by a
+    worker at two checks, and which never started, stops its key with the reason."""
+    queue = f"lost-{uuid.uuid4().hex[:8]}"  # no worker consumes it
+    order_id = make_order(engine)
+    key = f"order:{order_id}"
+    with engine.begin() as conn:
+        TaskOutbox(celery_app).ordered(key).apply_async(
+            "tests.notify_plainly", (order_id, "paid"), session=conn, queue=queue
+        )
+    clock = Clock()
+    with Relay(engine, celery_app, clock=clock) as relay:
+        assert 1 == relay.drain(maintain=False).published
+        assert 1 == redis_client.llen(queue)
+        redis_client.delete(queue)  # popped by a worker that died at once
+        clock.advance(LOST_AFTER)
+        relay.confirmation.run_once()
+        assert [] == active_keys_blocked(engine), "one check that misses it is not enough"
+        clock.advance(ABSENT_TWICE_GAP.total_seconds())
+        relay.confirmation.run_once()
+    with engine.connect() as conn:
+        [blocked] = active_keys(conn, blocked_only=True)
+    assert key == blocked.key
+    assert "never started" in (blocked.blocked_reason or "")
