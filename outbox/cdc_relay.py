@@ -15,26 +15,44 @@ through the same publisher (confirms on RabbitMQ, pipelines on Redis).
   its own, recorded as the polling relay records a failure). A relay killed anywhere
   streams again from there: tasks published but not yet confirmed go out again under
   their task ids, and consumers deduplicate.
+* **Only the relay reports a position.** The relay speaks the replication protocol's
+  CopyData messages itself, over libpq (psycopg 3's ``pq`` wrapper), and every status
+  update it sends carries the position it confirmed after the broker, and nothing else:
+  at each confirmation, when the server asks, and at least every ``STATUS_INTERVAL``
+  from a thread of its own, whatever the stream's thread is doing (a publish to a
+  broker that is down retries its connection for seconds), so the walsender does not
+  end the connection after ``wal_sender_timeout`` and hand the slot to a standby.
+  psycopg 2, which it used before, moved its own reported position up to a keepalive's
+  whenever the last message's ``dataStart`` was at or below the last confirmation, which
+  a Relation message's (0) always is: a transaction received and not yet published
+  could be confirmed past, and skipped by a restart.
 * **Marked off the path.** Rows become ``dispatched`` in bulk, in a thread of their own,
   after publishing; status, the dashboard, confirmation, lifecycle, retention and
   ordering read them as they read the polling relay's.
-* **What polling took meanwhile.** A transaction committed longer than ``cdc_grace``
-  ago (a stream resuming after the relay was down, or far behind) may hold rows a
-  polling relay has published since: those are looked up before publishing (one
-  indexed read a batch) and skipped unless still pending. Fresher rows cannot have been
-  taken, and cost no query.
+* **The hand-over rule, on the database's clock.** A row the stream can publish is the
+  stream's while its ``created_at`` is less than ``cdc_grace`` behind the database's
+  clock and a CDC relay's heartbeat (written with the database's time) is younger than
+  ``cdc_grace``; after that it is polling's, which claims it as any row (``SKIP
+  LOCKED``, marked in the same transaction). Both sides read the same clock, so the
+  hosts' clocks do not matter. The stream publishes a row without looking only when
+  polling cannot have had it and will not before the mark lands: in the first half of
+  its grace, committed after polling can have seen this stream's first heartbeat, and
+  with no gap of half the grace in its heartbeats. Every other row (a transaction that
+  committed long after its enqueue, a stream resuming or far behind) it locks (``FOR
+  UPDATE``: it waits for a polling relay holding one), publishes only if still pending,
+  and marks in the same transaction, as polling does: a row is published by both only
+  around a crash (a mark lost, then polling after the grace).
 * **What it leaves to polling.** Rows enqueued with a countdown or eta (the polling path
   handles due times), with an ordering key (the key's hand-over decides when each goes),
   and rows whose publish failed (retried with backoff, then dead, as polling does). The
-  relay process runs a polling loop beside the stream for these; polling relays leave
-  the streamed rows alone for ``cdc_grace`` seconds while a stream runs.
+  relay process runs a polling loop beside the stream for these.
 * **One reader.** PostgreSQL lets one connection stream from a slot at a time: a second
   relay waits as a hot standby, trying every ``STANDBY_RETRY`` seconds, and takes over
   when the first one's connection ends.
-* **No WAL pinned while idle.** Once everything received is confirmed, psycopg moves the
-  confirmed position on to what the server says it has sent (its keepalives), and the
-  relay asks for one every ``HEARTBEAT_INTERVAL``: a quiet outbox in a busy cluster
-  lets the WAL go.
+* **No WAL pinned while idle.** Once everything received is confirmed, the relay
+  confirms the position the server's last keepalive says it has sent (every transaction
+  before it has been received), and asks for one every ``HEARTBEAT_INTERVAL``: a quiet
+  outbox in a busy cluster lets the WAL go.
 """
 
 from __future__ import annotations
@@ -44,28 +62,33 @@ import os
 import queue
 import select as selectors
 import socket
+import struct
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from itertools import groupby
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from outbox.brokers import BrokerProbe, probe_for
 from outbox.cdc_slot import CdcSlot
 from outbox.clock import Clock, utcnow
-from outbox.errors import CdcSetupError, SlotInvalidatedError
+from outbox.errors import CdcSetupError, PgoutputError, SlotInvalidatedError
 from outbox.heartbeat import Heartbeat, RelayKind
-from outbox.pgoutput import Begin, Commit, Insert, Relation, Relations, decode
+from outbox.pgoutput import PG_EPOCH, Begin, Commit, Insert, Relation, Relations, decode
 from outbox.publishing import ClaimedRow, publisher_for
-from outbox.relay import Relay
+from outbox.relay import CDC_CHECK_INTERVAL, Relay
 from outbox.schema import OutboxStatus, outbox_table
 from outbox.settings import OutboxSettings
+
+if TYPE_CHECKING:
+    from psycopg.pq.abc import PGconn
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +100,11 @@ STANDBY_RETRY = 0.25
 HEARTBEAT_INTERVAL = 10.0
 #: Seconds between the stream's heartbeats in ``celery_outbox_relays``.
 BEAT_INTERVAL = 2.0
-#: Seconds between status updates psycopg sends the server on its own.
+#: Longest pause between two status updates to the server, whatever the relay is doing
+#: (a walsender ends a connection silent for ``wal_sender_timeout``, 60 s by default).
 STATUS_INTERVAL = 1.0
+#: Seconds a replication connection may take to open.
+CONNECT_TIMEOUT = 10.0
 #: Longest pause after a failed publish or a lost connection; doubles from 0.1 s.
 MAX_BACKOFF = 10.0
 #: How long one wait for the next message lasts, so ``stop()`` is honoured promptly.
@@ -86,6 +112,13 @@ WAIT_STEP = 0.5
 #: Seconds the marker gathers what the stream published before writing it: one UPDATE
 #: for every row published meanwhile, however they came (one transaction each, say).
 MARK_WINDOW = 0.05
+#: After the stream's first heartbeat (or its first after a gap), how long polling
+#: relays may still go by what they saw before it: their check, cached for
+#: ``CDC_CHECK_INTERVAL``, and as long again for the claim that follows.
+POLLING_SEES_BEAT = timedelta(seconds=2 * CDC_CHECK_INTERVAL)
+
+#: The database's clock, as the hand-over rule reads it (see the module's docstring).
+_DATABASE_NOW = select(func.statement_timestamp())
 
 
 @dataclass(slots=True)
@@ -95,6 +128,27 @@ class _Transaction:
     end_lsn: int
     commit_time: datetime
     rows: list[ClaimedRow] = field(default_factory=list)
+    #: Each row's ``created_at``, by id: the hand-over rule's measure of its age.
+    created_at: dict[int, datetime] = field(default_factory=dict)
+
+
+class _DatabaseClock:
+    """The database's clock, read now and then (each heartbeat) and carried forward in
+    between by this process's monotonic clock: the hand-over rule's one clock."""
+
+    def __init__(self) -> None:
+        # Until the first read (the stream reads before it publishes): no time at all.
+        self._read = (datetime.min.replace(tzinfo=PG_EPOCH.tzinfo), time.monotonic())
+
+    def read(self, engine: Engine) -> datetime:
+        with engine.connect() as conn:
+            now: datetime = conn.execute(_DATABASE_NOW).scalar_one()
+        self._read = (now, time.monotonic())
+        return now
+
+    def now(self) -> datetime:
+        at, monotonic = self._read
+        return at + timedelta(seconds=time.monotonic() - monotonic)
 
 
 class CdcRelay:
@@ -129,7 +183,16 @@ class CdcRelay:
             RelayKind.CDC,
             hostname=f"{socket.gethostname()}:{os.getpid()}",
         )
-        self._marks = _Marker(self._rows, self._heartbeat)
+        self._database_clock = _DatabaseClock()
+        # The stream's thread beats when it starts streaming, the marker's every
+        # BEAT_INTERVAL.
+        self._beat_lock = threading.Lock()
+        #: The database's time of this stream's last heartbeat written.
+        self._last_beat: datetime | None = None
+        #: Rows of transactions committed before this (the database's time) are looked
+        #: up: polling may have taken them while it did not see this stream's heartbeat.
+        self._trusted_from: datetime | None = None
+        self._marks = _Marker(self._rows, self._beat)
         self._stopping = threading.Event()
         #: Set while this relay holds the slot and streams.
         self.streaming = threading.Event()
@@ -202,35 +265,25 @@ class CdcRelay:
             self._rows.close()
 
     def _stream(self, on_streaming: Callable[[], None] | None) -> None:
-        import psycopg2
-        import psycopg2.errors
-        import psycopg2.extras
-
-        conn: Any = psycopg2.connect(
-            _dsn(self.engine), connection_factory=psycopg2.extras.LogicalReplicationConnection
-        )
+        stream = _Replication(_dsn(self.engine))
         try:
-            cursor = conn.cursor()
             try:
-                cursor.start_replication(
-                    slot_name=self.slot.slot,
-                    decode=False,
-                    options={"proto_version": "1", "publication_names": self.slot.publication},
-                    status_interval=STATUS_INTERVAL,
-                )
-            except psycopg2.errors.ObjectInUse as e:
-                raise _SlotBusyError(str(e).strip()) from None
-            except psycopg2.errors.ObjectNotInPrerequisiteState as e:
-                if not self.slot.state().invalidated:
+                stream.start(self.slot.slot, self.slot.publication)
+            except _ServerError as e:
+                if e.sqlstate == "55006":  # object_in_use: another relay streams
+                    raise _SlotBusyError(str(e)) from None
+                if e.sqlstate != "55000" or not self.slot.state().invalidated:
                     raise
                 raise SlotInvalidatedError(
-                    f"replication slot {self.slot.slot!r} is invalidated ({str(e).strip()}); "
+                    f"replication slot {self.slot.slot!r} is invalidated ({e}); "
                     "falling back to polling. Drop it (`outbox cdc drop-slot`) and start "
                     "the CDC relay again to stream anew."
                 ) from e
             # Beaten before anything is published: from here on, polling relays leave the
-            # rows this stream publishes.
-            self._heartbeat.beat(self._clock())
+            # rows this stream publishes (those committed before, it looks up).
+            with self._beat_lock:
+                self._last_beat = None
+            self._beat()
             self.takeovers += 1
             self.standing_by.clear()
             self.streaming.set()
@@ -238,23 +291,64 @@ class CdcRelay:
             logger.info("cdc: streaming from slot %s", self.slot.slot)
             if on_streaming is not None:
                 on_streaming()
-            _Stream(self, conn, cursor).run()
+            _Stream(self, stream).run()
         finally:
             self.streaming.clear()
-            conn.close()
+            stream.close()
 
-    def _taken_meanwhile(self, rows: list[ClaimedRow]) -> set[int]:
-        """Of ``rows`` (of transactions older than ``cdc_grace``), those no longer
-        pending: a polling relay published them while no stream ran."""
-        with self.engine.connect() as conn:
+    def _beat(self) -> None:
+        """Write this stream's heartbeat with the database's time, and note it: a first
+        one, or one after a gap polling may have taken for the stream's end, starts a
+        time in which polling may still go by what it saw before."""
+        with self._beat_lock:
+            at = self._database_clock.read(self.engine)
+            self._heartbeat.beat(at)
+            last = self._last_beat
+            if last is None or at - last > timedelta(seconds=self.settings.cdc_grace) / 2:
+                self._trusted_from = at + POLLING_SEES_BEAT
+            self._last_beat = at
+
+    def _must_look_up(self, txn: _Transaction, row: ClaimedRow, now: datetime) -> bool:
+        """Whether polling may have ``row``, or may take it before its mark lands: the
+        hand-over rule, as of the database's time ``now``."""
+        half = timedelta(seconds=self.settings.cdc_grace) / 2
+        last, trusted = self._last_beat, self._trusted_from
+        return (
+            last is None
+            or trusted is None
+            or txn.commit_time < trusted
+            or now - last > half
+            or now - txn.created_at[row.id] > half
+        )
+
+    def _publish_looked_up(self, rows: list[ClaimedRow]) -> tuple[set[int], bool]:
+        """Publish those of ``rows`` still pending, holding their locks from the look-up
+        to the mark, as a polling relay holds its claim; the ids handled (taken by
+        polling too), and whether the broker failed."""
+        ids = sorted(row.id for row in rows)
+        with self.engine.begin() as conn:
             pending = set(
                 conn.execute(
-                    select(_t.id).where(
-                        _t.id.in_([row.id for row in rows]), _t.status == OutboxStatus.PENDING
-                    )
+                    select(_t.id)
+                    .where(_t.id.in_(ids), _t.status == OutboxStatus.PENDING)
+                    .order_by(_t.id)
+                    .with_for_update()
                 ).scalars()
             )
-        return {row.id for row in rows} - pending
+            handled = set(ids) - pending
+            todo = [row for row in rows if row.id in pending]
+            if not todo:
+                return handled, False
+            outcome = self.publisher.publish(todo)
+            self._rows.note_broker(outcome.broker_error)
+            self._count(len(outcome.delivered))
+            now = self._clock()
+            self._rows.mark_dispatched(conn, outcome.delivered, now, streamed=True)
+            for row, error in outcome.failed:
+                self._rows.record_failure(conn, row, error, now)
+        handled.update(row.id for row, _ in outcome.delivered)
+        handled.update(row.id for row, _ in outcome.failed)
+        return handled, outcome.broker_error is not None
 
     def _publish(self, rows: list[ClaimedRow]) -> tuple[set[int], bool]:
         """Publish ``rows``; the ids handled (delivered, or failed on their own and handed
@@ -263,28 +357,190 @@ class CdcRelay:
         self._rows.note_broker(outcome.broker_error)
         handled = {row.id for row, _ in outcome.delivered}
         handled.update(row.id for row, _ in outcome.failed)
+        self._count(len(outcome.delivered))
         if outcome.delivered:
-            self.published += len(outcome.delivered)
-            if self._after_publish is not None:
-                for _ in outcome.delivered:
-                    self._after_publish()
             self._marks.put(_Marks(list(outcome.delivered), [], self._clock()))
         if outcome.failed:
             self._marks.put(_Marks([], list(outcome.failed), self._clock()))
         return handled, outcome.broker_error is not None
+
+    def _count(self, delivered: int) -> None:
+        self.published += delivered
+        if self._after_publish is not None:
+            for _ in range(delivered):
+                self._after_publish()
 
 
 class _SlotBusyError(Exception):
     """Another relay streams from the slot."""
 
 
+class _ServerError(Exception):
+    """The server refused to stream; ``sqlstate`` says why."""
+
+    def __init__(self, sqlstate: str | None, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class _Replication:
+    """One streaming replication connection, its CopyData messages read and written
+    here: XLogData (``w``) and keepalives (``k``) from the server, standby status
+    updates (``r``) to it ("Streaming Replication Protocol" in PostgreSQL's manual).
+
+    Every status update reports ``flushed``, which only :meth:`confirm` moves: no
+    driver reports a position of its own."""
+
+    def __init__(self, dsn: str) -> None:
+        from psycopg import OperationalError, pq
+        from psycopg.conninfo import make_conninfo
+
+        self._pq = pq
+        self._error = OperationalError
+        # Connected without blocking in libpq, which would hold the GIL: the marker and
+        # the polling loop beside the stream run on while a standby tries every
+        # STANDBY_RETRY seconds, and while a server does not answer.
+        conninfo = make_conninfo(dsn, replication="database").encode()
+        self.pgconn: PGconn = pq.PGconn.connect_start(conninfo)
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while (status := self.pgconn.connect_poll()) not in (
+            pq.PollingStatus.OK,
+            pq.PollingStatus.FAILED,
+        ):
+            waiting = [self.pgconn.socket]
+            reading = status == pq.PollingStatus.READING
+            left = deadline - time.monotonic()
+            if left <= 0 or not any(
+                selectors.select(waiting if reading else [], [] if reading else waiting, [], left)
+            ):
+                self.pgconn.finish()
+                raise OperationalError(f"no replication connection within {CONNECT_TIMEOUT}s")
+        if status == pq.PollingStatus.FAILED:
+            message = _text(self.pgconn.error_message)
+            self.pgconn.finish()
+            raise OperationalError(f"cannot open a replication connection: {message}")
+        #: The position reported to the server as flushed (and written).
+        self.flushed = 0
+        #: The furthest position a keepalive said the server has sent.
+        self.server_sent = 0
+        self._reported_at = time.monotonic()
+        # libpq's connection is used by one thread at a time: the stream's, and the
+        # reporter's (once streaming) while the stream's is busy elsewhere (publishing).
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._reporter = threading.Thread(
+            target=self._keep_reporting, name="outbox-cdc-status", daemon=True
+        )
+
+    def start(self, slot: str, publication: str) -> None:
+        self.pgconn.send_query(
+            f"START_REPLICATION SLOT {slot} LOGICAL 0/0 "
+            f"(proto_version '1', publication_names '{publication}')".encode()
+        )
+        while self.pgconn.is_busy():
+            selectors.select([self.pgconn.socket], [], [], WAIT_STEP)
+            self.pgconn.consume_input()
+        result = self.pgconn.get_result()
+        if result is not None and result.status == self._pq.ExecStatus.COPY_BOTH:
+            self._reported_at = time.monotonic()
+            self._reporter.start()
+            return
+        if result is None:
+            raise self._error(_text(self.pgconn.error_message) or "no answer to START")
+        sqlstate = result.error_field(self._pq.DiagnosticField.SQLSTATE)
+        raise _ServerError(
+            None if sqlstate is None else sqlstate.decode(),
+            _text(result.error_message) or "the server did not start streaming",
+        )
+
+    def fileno(self) -> int:
+        socket_fd: int = self.pgconn.socket
+        return socket_fd
+
+    def read(self) -> tuple[int, bytes] | None:
+        """The next XLogData message (its ``dataStart`` and pgoutput payload), or
+        ``None`` if no more has arrived. Keepalives are taken in passing: their position
+        noted, and answered at once (with ``flushed``) when the server asks."""
+        with self._lock:
+            consumed = False
+            while True:
+                size, data = self.pgconn.get_copy_data(1)
+                if size == 0:
+                    if consumed:
+                        return None
+                    self.pgconn.consume_input()
+                    consumed = True
+                    continue
+                if size == -1:
+                    result = self.pgconn.get_result()
+                    reason = _text(result.error_message) if result is not None else ""
+                    raise self._error(f"the server ended the stream: {reason or 'no reason'}")
+                payload = bytes(data)
+                if payload[:1] == b"w":
+                    data_start = struct.unpack_from("!Q", payload, 1)[0]
+                    return data_start, payload[25:]
+                if payload[:1] == b"k":
+                    wal_end, _, reply = struct.unpack_from("!Qq?", payload, 1)
+                    self.server_sent = max(self.server_sent, wal_end)
+                    if reply:
+                        self._report()
+                    continue
+                raise PgoutputError(f"replication message of unknown type {payload[:1]!r}")
+
+    def confirm(self, lsn: int) -> None:
+        """Report ``lsn`` as flushed, at once."""
+        with self._lock:
+            self.flushed = max(self.flushed, lsn)
+            self._report()
+
+    def report(self, *, reply: bool = False) -> None:
+        """Send a status update; ``reply`` asks the server for a keepalive back."""
+        with self._lock:
+            self._report(reply=reply)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._reporter.is_alive():
+            self._reporter.join(timeout=10)
+        with self._lock:
+            self.pgconn.finish()
+
+    def _report(self, *, reply: bool = False) -> None:
+        """``flushed`` as written and flushed, nothing applied (the lock held)."""
+        sent = int((datetime.now(PG_EPOCH.tzinfo) - PG_EPOCH) / timedelta(microseconds=1))
+        status = struct.pack("!cQQQq?", b"r", self.flushed, self.flushed, 0, sent, reply)
+        self.pgconn.put_copy_data(status)
+        self.pgconn.flush()
+        self._reported_at = time.monotonic()
+
+    def _keep_reporting(self) -> None:
+        """Report every ``STATUS_INTERVAL``, whatever the stream's thread is doing: a
+        publish to a broker that is down can take longer than ``wal_sender_timeout``
+        (kombu's connection retries, 12 s on Redis here), and a walsender that hears
+        nothing for that long ends the connection, and a standby takes the slot."""
+        while not self._closed.wait(STATUS_INTERVAL / 4):
+            with self._lock:
+                if self._closed.is_set():
+                    return
+                if time.monotonic() - self._reported_at < STATUS_INTERVAL:
+                    continue
+                try:
+                    self._report()
+                except self._error:
+                    # The connection is broken: the stream's thread finds out as it reads.
+                    return
+
+
+def _text(message: bytes | None) -> str:
+    return (message or b"").decode(errors="replace").strip()
+
+
 class _Stream:
     """One streaming session on one replication connection."""
 
-    def __init__(self, relay: CdcRelay, conn: Any, cursor: Any) -> None:
+    def __init__(self, relay: CdcRelay, stream: _Replication) -> None:
         self.relay = relay
-        self.conn = conn
-        self.cursor = cursor
+        self.stream = stream
         self.relations = Relations()
         self.table_oid: int | None = None
         #: The transaction being received (between its Begin and Commit).
@@ -294,7 +550,7 @@ class _Stream:
         #: Rows of ``ready`` already handled (a broker failure stopped a publish half-way).
         self.handled: set[int] = set()
         self.ready_rows = 0
-        self.confirmed = relay.confirmed_lsn
+        stream.flushed = self.confirmed = relay.confirmed_lsn
         self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
         self.next_beat = time.monotonic() + BEAT_INTERVAL
         self.backoff = 0.0
@@ -302,16 +558,16 @@ class _Stream:
     def run(self) -> None:
         batch = self.relay.settings.batch_size
         while not self.relay.stopping:
-            message = self.cursor.read_message() if self.ready_rows < batch else None
+            message = self.stream.read() if self.ready_rows < batch else None
             if message is not None:
-                self._handle(message.payload)
+                self._handle(message[1])
                 continue
             if self.ready and not self._publish():
                 self._wait_for_broker()
                 continue
             self._keep_alive()
             if self.ready_rows < batch:
-                selectors.select([self.conn], [], [], WAIT_STEP)
+                selectors.select([self.stream], [], [], WAIT_STEP)
 
     def _handle(self, payload: bytes) -> None:
         message = decode(payload)
@@ -319,9 +575,13 @@ class _Stream:
             self.current = _Transaction(0, message.commit_time)
         elif isinstance(message, Insert):
             if message.relation_oid == self.table_oid and self.current is not None:
-                row = _streamed_row(self.relations.row(message.relation_oid, message.new))
+                values = self.relations.row(message.relation_oid, message.new)
+                row = _streamed_row(values)
                 if row is not None:
                     self.current.rows.append(row)
+                    self.current.created_at[row.id] = datetime.fromisoformat(
+                        str(values["created_at"])
+                    )
         elif isinstance(message, Commit):
             if self.current is not None:
                 self.current.end_lsn = message.end_lsn
@@ -334,24 +594,23 @@ class _Stream:
                 self.table_oid = message.oid
 
     def _publish(self) -> bool:
-        """Publish what the ready transactions hold and confirm those fully handled;
-        whether the broker took everything."""
-        grace = timedelta(seconds=self.relay.settings.cdc_grace)
-        old = self.relay._clock() - grace
-        stale = [
-            row
+        """Publish what the ready transactions hold, in commit order, and confirm those
+        fully handled; whether the broker took everything. Rows the hand-over rule may
+        have given polling are looked up under a lock and published with it held."""
+        now = self.relay._database_clock.now()
+        rows = [
+            (self.relay._must_look_up(txn, row, now), row)
             for txn in self.ready
-            if txn.commit_time < old
             for row in txn.rows
             if row.id not in self.handled
         ]
-        if stale:
-            self.handled |= self.relay._taken_meanwhile(stale)
-        rows = [row for txn in self.ready for row in txn.rows if row.id not in self.handled]
         broker_failed = False
-        if rows:
-            handled, broker_failed = self.relay._publish(rows)
+        for looked_up, run in groupby(rows, key=lambda pair: pair[0]):
+            publish = self.relay._publish_looked_up if looked_up else self.relay._publish
+            handled, broker_failed = publish([row for _, row in run])
             self.handled |= handled
+            if broker_failed:
+                break
         done = 0
         for txn in self.ready:
             if any(row.id not in self.handled for row in txn.rows):
@@ -370,24 +629,27 @@ class _Stream:
         return not broker_failed
 
     def _wait_for_broker(self) -> None:
-        """Pause before publishing again, telling the server this client is alive
-        (it would end a silent connection after ``wal_sender_timeout``)."""
+        """Pause before publishing again. The server hears from this client meanwhile
+        (the connection's reporter, with the position confirmed and no further): it
+        would end a silent connection after ``wal_sender_timeout``, and a standby would
+        take the slot and publish the same transactions."""
         self.backoff = min(MAX_BACKOFF, max(0.1, self.backoff * 2))
-        deadline = time.monotonic() + self.backoff
-        while not self.relay.stopping and time.monotonic() < deadline:
-            self.cursor.send_feedback()
-            self.relay._stopping.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+        self.relay._stopping.wait(self.backoff)
 
     def _confirm(self, lsn: int) -> None:
         if lsn > self.confirmed:
             self.confirmed = self.relay.confirmed_lsn = lsn
-            self.cursor.send_feedback(write_lsn=lsn, flush_lsn=lsn)
+            self.stream.confirm(lsn)
 
     def _keep_alive(self) -> None:
+        # Nothing received is unconfirmed: whatever the server sent before its last
+        # keepalive has been read, so its position holds nothing left to publish.
+        if self.current is None and not self.ready:
+            self._confirm(self.stream.server_sent)
         now = time.monotonic()
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + HEARTBEAT_INTERVAL
-            self.cursor.send_feedback(reply=True)
+            self.stream.report(reply=True)
         if now >= self.next_beat:
             self.next_beat = now + BEAT_INTERVAL
             self.relay._marks.beat()
@@ -423,12 +685,12 @@ class _Marks:
 class _Marker:
     """Writes what the stream did to the table, in a thread of its own: rows delivered
     marked dispatched (in bulk), failures recorded for the polling path, and the
-    stream's heartbeat. A crash may lose a mark; the row then stays pending and a
-    polling relay publishes it again after ``cdc_grace``, under the same task id."""
+    stream's heartbeat (``beat``). A crash may lose a mark; the row then stays pending
+    and a polling relay publishes it again after ``cdc_grace``, under the same task id."""
 
-    def __init__(self, rows: Relay, heartbeat: Heartbeat) -> None:
+    def __init__(self, rows: Relay, beat: Callable[[], None]) -> None:
         self._rows = rows
-        self._heartbeat = heartbeat
+        self._beat = beat
         self._queue: queue.Queue[_Marks | str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -471,7 +733,7 @@ class _Marker:
     def _write(self, items: list[_Marks | str | None]) -> None:
         marks = [item for item in items if isinstance(item, _Marks)]
         if "beat" in items:
-            self._heartbeat.beat(self._rows.now())
+            self._beat()
         if not marks:
             return
         delivered = [pair for mark in marks for pair in mark.delivered]
@@ -487,7 +749,7 @@ class _Marker:
 def _dsn(engine: Engine) -> str:
     """libpq's connection string for ``engine``'s database, in UTC and ISO dates so the
     stream's text values parse as the outbox wrote them."""
-    from psycopg2.extensions import make_dsn
+    from psycopg.conninfo import make_conninfo
 
     url = engine.url
     params: dict[str, Any] = {
@@ -501,4 +763,4 @@ def _dsn(engine: Engine) -> str:
         "options": "-c TimeZone=UTC -c DateStyle=ISO",
     }
     params.update({k: v for k, v in url.query.items() if isinstance(v, str)})
-    return str(make_dsn(**{k: v for k, v in params.items() if v is not None}))
+    return make_conninfo(**{k: v for k, v in params.items() if v is not None})

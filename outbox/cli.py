@@ -196,10 +196,10 @@ class _CdcThread:
 def _start_cdc(ops: Operations) -> _CdcThread:
     """The CDC relay in a thread of its own, once its slot and publication exist."""
     try:
-        import psycopg2  # noqa: F401 - the stream's driver, checked before anything starts
+        import psycopg  # noqa: F401 - the stream's driver, checked before anything starts
     except ImportError as e:
         raise click.ClickException(
-            "the CDC relay streams with psycopg 2: pip install 'celery-outbox[cdc]'"
+            "the CDC relay streams with psycopg 3: pip install 'celery-outbox[cdc]'"
         ) from e
     relay = CdcRelay(ops.engine, ops.celery_app, ops.settings, probe=ops.probe)
     try:

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Select, Text, and_, bindparam, case, cast, select, update
+from sqlalchemy import Select, Text, and_, bindparam, case, cast, func, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.brokers import BrokerProbe, probe_for
@@ -57,7 +57,8 @@ _CLAIM_COLUMNS = tuple(
 
 _now = bindparam("now", type_=_t.available_at.type)
 #: Rows a running CDC relay streams (``outbox.cdc_relay``): enqueued due at once, with
-#: no ordering key, never failed, and younger than ``cdc_grace``. Polling leaves them.
+#: no ordering key, never failed, and younger than ``cdc_grace`` by the database's clock
+#: (the hand-over rule, in that module's docstring). Polling leaves them.
 _STREAMED = and_(
     _t.ordering_key.is_(None),
     _t.attempts == 0,
@@ -67,7 +68,9 @@ _STREAMED = and_(
 #: Whether a row is due: the first entry of the pending rows' index.
 _DUE = select(_t.id).where(_t.status == OutboxStatus.PENDING, _t.available_at <= _now).limit(1)
 _DUE_UNSTREAMED = _DUE.where(~_STREAMED)
-#: Whether a CDC relay has streamed lately (its heartbeat).
+#: The database's clock, which times the hand-over between a CDC relay and polling.
+_DATABASE_NOW = select(func.statement_timestamp())
+#: Whether a CDC relay has streamed lately (its heartbeat, written with the database's time).
 _CDC_LIVE = select(_r.name).where(
     _r.kind == str(RelayKind.CDC), _r.last_seen_at > bindparam("since", type_=_r.last_seen_at.type)
 )
@@ -205,6 +208,8 @@ class Relay:
         #: Whether a CDC relay streamed at the last check (``CDC_CHECK_INTERVAL``).
         self._cdc_live = False
         self._cdc_checked: float | None = None
+        #: The database's clock less this relay's, at the last check.
+        self._database_ahead = timedelta(0)
 
     def now(self) -> datetime:
         """The relay's clock (a test may have given it its own)."""
@@ -340,15 +345,19 @@ class Relay:
 
     def streamed_after(self, conn: Connection, now: datetime) -> datetime | None:
         """While a CDC relay streams: the creation time after which a row it streams is
-        left to it (``OutboxSettings.cdc_grace`` ago); ``None`` when none streams."""
+        left to it (``OutboxSettings.cdc_grace`` before the database's clock, told by this
+        relay's); ``None`` when none streams."""
         if not self.store.streams_changes:
             return None
         grace = timedelta(seconds=self.settings.cdc_grace)
         checked = self._cdc_checked
         if checked is None or time.monotonic() - checked >= CDC_CHECK_INTERVAL:
-            self._cdc_live = conn.execute(_CDC_LIVE, {"since": now - grace}).first() is not None
+            database_now = conn.execute(_DATABASE_NOW).scalar_one()
+            self._database_ahead = database_now - now
+            since = database_now - grace
+            self._cdc_live = conn.execute(_CDC_LIVE, {"since": since}).first() is not None
             self._cdc_checked = time.monotonic()
-        return now - grace if self._cdc_live else None
+        return now + self._database_ahead - grace if self._cdc_live else None
 
     def has_due_rows(self, conn: Connection) -> bool:
         """Whether a row is due: the first entry of the pending rows' index, read without

@@ -50,15 +50,43 @@ pytestmark = pytest.mark.postgresql
 _t = outbox_table.c
 
 
-class RunningRelay:
-    """A CDC relay in a thread of the test."""
+class GatedPublisher:
+    """A relay's publisher behind a gate the test opens: each publish waits there, so the
+    test acts while rows are received and not yet on the broker."""
 
-    def __init__(self, engine: Engine, celery_app: Celery, **kwargs: object) -> None:
+    def __init__(self, publisher: Any, *, closed: bool = True) -> None:
+        self.publisher = publisher
+        #: Set once a publish reached the gate.
+        self.entered = threading.Event()
+        self.open = threading.Event()
+        if not closed:
+            self.open.set()
+
+    def publish(self, rows: list[Any]) -> Any:
+        self.entered.set()
+        assert self.open.wait(60), "the test never opened the gate"
+        return self.publisher.publish(rows)
+
+    def close(self) -> None:
+        self.publisher.close()
+
+
+class RunningRelay:
+    """A CDC relay in a thread of the test; ``gated``, its publishes wait for the test."""
+
+    def __init__(
+        self, engine: Engine, celery_app: Celery, *, gated: bool = False, **kwargs: object
+    ) -> None:
         self.relay = CdcRelay(engine, celery_app, **kwargs)  # type: ignore[arg-type]
+        self.gate = GatedPublisher(self.relay.publisher) if gated else None
+        if self.gate is not None:
+            self.relay.publisher = self.gate  # type: ignore[assignment]
         self.thread = threading.Thread(target=self.relay.run, daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
+        if self.gate is not None:
+            self.gate.open.set()
         self.relay.stop()
         self.thread.join(timeout=30)
         assert not self.thread.is_alive(), "the relay did not stop"
@@ -85,6 +113,16 @@ def start(
     running = RunningRelay(engine, celery_app, **kwargs)
     relays.append(running)
     return running.relay
+
+
+def start_gated(
+    relays: list[RunningRelay], engine: Engine, celery_app: Celery
+) -> tuple[CdcRelay, GatedPublisher]:
+    """A relay whose publishes wait for the test to open its gate."""
+    running = RunningRelay(engine, celery_app, gated=True)
+    relays.append(running)
+    assert running.gate is not None
+    return running.relay, running.gate
 
 
 def published_ids(redis_client: redis.Redis, queue: str) -> list[str]:
@@ -526,3 +564,105 @@ def test_a_streamed_task_is_the_message_polling_would_publish(
         for own in ("delivery_tag", "reply_to"):
             message["properties"].pop(own)
     assert polled == streamed
+
+
+def test_the_slot_is_never_confirmed_past_what_the_broker_holds(
+    logical_engine: Engine,
+    celery_app: Celery,
+    relays: list[RunningRelay],
+    redis_client: redis.Redis,
+    queue: str,
+) -> None:
+    """Transactions stream (some interleaved, some after an ANALYZE that makes the server
+    describe the table again, with WAL of another table between them) while every
+    publish waits for the test to sample the slot: no sample of the slot's
+    confirmed_flush_lsn is past the position the relay confirmed after the broker had
+    everything before it."""
+    relay, gate = start_gated(relays, logical_engine, celery_app)
+    wait_for(relay.streaming.is_set)
+    with logical_engine.begin() as conn:
+        conn.execute(text("CREATE TABLE elsewhere (n integer)"))
+    total = 120
+    task_ids: list[str] = []
+
+    def write() -> None:
+        for n in range(0, total, 3):
+            with Session(logical_engine) as first, Session(logical_engine) as second:
+                task_ids.append(enqueue(first, celery_app, queue, n))
+                first.flush()
+                task_ids.extend(enqueue(second, celery_app, queue, n + k) for k in (1, 2))
+                second.commit()
+                first.commit()
+            with logical_engine.begin() as conn:
+                conn.execute(text("INSERT INTO elsewhere SELECT generate_series(1, 200)"))
+                if n % 30 == 0:
+                    conn.execute(text("ANALYZE celery_outbox"))
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    sampled = threading.Event()
+    inner = gate.publisher
+
+    class SampledPublisher:
+        """Each publish waits for one sample of the slot taken while it waits."""
+
+        def publish(self, rows: list[Any]) -> Any:
+            sampled.clear()
+            assert sampled.wait(30), "no sample was taken"
+            return inner.publish(rows)
+
+        def close(self) -> None:
+            inner.close()
+
+    gate.publisher = SampledPublisher()
+    gate.open.set()
+    samples = 0
+    while len(published_ids(redis_client, queue)) < total or writer.is_alive():
+        server = parse_lsn(relay.slot.state().confirmed or "0/0")
+        own = relay.confirmed_lsn  # read after the slot's: it only grows
+        if relay.transactions:
+            assert server <= own, f"slot at {server:X}, relay confirmed {own:X}"
+            samples += 1
+        sampled.set()
+        assert samples < 100_000
+    writer.join()
+    assert sorted(task_ids) == sorted(published_ids(redis_client, queue))
+    assert samples > 0
+
+
+def test_a_transaction_committed_after_the_grace_is_published_once(
+    logical_engine: Engine,
+    celery_app: Celery,
+    relays: list[RunningRelay],
+    redis_client: redis.Redis,
+    queue: str,
+) -> None:
+    """A task enqueued longer than cdc_grace before its transaction commits is polling's
+    by the time it commits; the stream, receiving it while polling publishes it, looks
+    it up under a lock, finds it taken, and does not publish it again."""
+    relay, gate = start_gated(relays, logical_engine, celery_app)
+    wait_for(relay.streaming.is_set)
+    enqueued = datetime.now(UTC) - timedelta(seconds=2 * relay.settings.cdc_grace)
+    task_id = uuid.uuid4()
+    with Session(logical_engine) as session:
+        session.execute(
+            outbox_table.insert().values(
+                task_id=task_id,
+                task_name="orders.notify_customer",
+                args=[1],
+                kwargs={},
+                options={"queue": queue},
+                status="pending",
+                attempts=0,
+                created_at=enqueued,
+                available_at=enqueued,
+            )
+        )
+        session.commit()
+    wait_for(gate.entered.is_set)  # received by the stream, not yet published
+    with Relay(logical_engine, celery_app) as poller:
+        poller.drain()
+    gate.open.set()
+    wait_for(lambda: relay.transactions == 1)
+    wait_for(lambda: statuses(logical_engine) == {str(task_id): OutboxStatus.DISPATCHED})
+    assert [str(task_id)] == published_ids(redis_client, queue)
