@@ -264,27 +264,16 @@ def celery_app(app: Flask) -> Celery:
 
 
 @contextmanager
-def running_worker(
-    celery_app: Celery, node: str, log: Path, env: dict[str, str] | None = None
+def started_worker(
+    command: list[str], log: Path, env: dict[str, str], ready: Callable[[], object]
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A ``celery -A tasks worker`` process (with the tests' tasks), answering pings on
-    ``celery_app``'s broker before this yields; stopped when it ends."""
+    """A worker process running ``command`` in the checkout, its output in ``log``,
+    yielded once ``ready()`` is true (the test fails if it exits first); terminated, and
+    killed after 20 s, when it ends."""
     with log.open("wb") as out:
-        process = subprocess.Popen(
-            worker_command(node, include="tests.worker_tasks"),
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for(
-            lambda: (
-                process.poll() is not None
-                or celery_app.control.ping(destination=[node], timeout=0.5)
-            ),
-            timeout=60,
-        )
+        wait_for(lambda: process.poll() is not None or ready(), timeout=60)
         if process.poll() is not None:
             pytest.fail(f"the Celery worker exited at start-up:\n{log.read_text()}")
         yield process
@@ -295,6 +284,21 @@ def running_worker(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def running_worker(
+    celery_app: Celery, node: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``celery -A tasks worker`` process (with the tests' tasks), answering pings on
+    ``celery_app``'s broker before this yields; stopped when it ends."""
+    with started_worker(
+        worker_command(node, include="tests.worker_tasks"),
+        log,
+        {**os.environ, **(env or {})},
+        lambda: celery_app.control.ping(destination=[node], timeout=0.5),
+    ) as process:
+        yield process
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ messages published while it consumes, and takes every one."""
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from tests.services import ROOT, wait_for, worker_command
+from tests.services import started_worker, wait_for, worker_command
 
 #: Messages published, by this many threads at once: enough for kombu's own writer to
 #: hand the worker an empty file in most runs, few enough to take seconds.
@@ -38,26 +37,12 @@ def embedded_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, s
 def worker_log(embedded_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
     """``celery -A tasks worker`` on the embedded default, ready (its log says so)."""
     log = tmp_path / "worker.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            worker_command("embedded@localhost", include="tests.acceptance.embedded_tasks"),
-            cwd=ROOT,
-            env=embedded_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for(lambda: process.poll() is not None or " ready." in log.read_text(), timeout=60)
-        assert process.poll() is None, f"the worker exited at start-up:\n{log.read_text()}"
+    command = worker_command("embedded@localhost", include="tests.acceptance.embedded_tasks")
+    with started_worker(
+        command, log, embedded_env, lambda: " ready." in log.read_text()
+    ) as process:
         yield log
         assert process.poll() is None, f"the worker died:\n{log.read_text()[-3000:]}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def publisher(embedded_env: dict[str, str]) -> Celery:

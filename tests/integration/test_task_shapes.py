@@ -19,7 +19,6 @@ its clock that much ahead, as soon as the worker has reported the kill.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import uuid
 import warnings
@@ -36,7 +35,7 @@ from sqlalchemy import Engine, delete, select
 from outbox import OutboxStatus, Relay, TaskOutbox, outbox_table
 from outbox.schema import keys_table
 from tests.conftest import RUN_ID
-from tests.services import BROKERS, ROOT, wait_for
+from tests.services import BROKERS, started_worker, wait_for
 from tests.shapes.app import DEFAULT_QUEUE, OWN_QUEUE, ROUTED_QUEUE, effects_table, make_app
 
 LABELS = ("first", "second")
@@ -109,23 +108,12 @@ def shapes(
         "--concurrency", "2", "--loglevel", "INFO", "--hostname", node,
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for(
-            lambda: process.poll() is not None or app.control.ping(destination=[node], timeout=0.5),
-            timeout=60,
-        )
-        if process.poll() is not None:
-            pytest.fail(f"the shapes worker exited at start-up:\n{log.read_text()}")
-        yield Shapes(request.param, app, log)
+        with started_worker(
+            command, log, env, lambda: app.control.ping(destination=[node], timeout=0.5)
+        ):
+            yield Shapes(request.param, app, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         with engine.begin() as conn:
             conn.execute(delete(effects_table))
 

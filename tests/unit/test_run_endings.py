@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from celery.exceptions import Ignore, Reject
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, delete, select
+from sqlalchemy import create_engine, delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
@@ -30,16 +30,8 @@ from outbox.ordering import FINAL_STATES
 from outbox.run_outcomes import REPLACED, REQUEUED
 from outbox.schema import keys_table
 from tests.services import wait_for
+from tests.shapes.app import effects_table, metadata
 from tests.unit.conftest import memory_app, running_worker
-
-metadata = MetaData()
-effects_table = Table(
-    "shape_effects",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("task_id", String(64), nullable=False),
-    Column("label", String(64), nullable=False),
-)
 
 
 class Shapes:
