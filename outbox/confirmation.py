@@ -46,13 +46,13 @@ from typing import Any, cast
 
 from celery import Celery
 from kombu import Queue
-from sqlalchemy import ColumnElement, Select, Table, exists, select, update
+from sqlalchemy import ColumnElement, FromClause, Select, Table, exists, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.brokers import BrokerProbe, BrokerState
 from outbox.clock import Clock, utcnow
 from outbox.idempotency import ProcessedMessage
-from outbox.ordering import HOLDS_ITS_KEY, Place, finish
+from outbox.ordering import Place, finish
 from outbox.schema import OutboxStatus, brokers_table, keys_table, outbox_table
 from outbox.settings import OutboxSettings
 from outbox.stores import Store
@@ -72,6 +72,9 @@ MAX_BATCHES_PER_RUN = 10
 LOST_AFTER = 10.0
 #: Slack around a broker restart's moment, which Redis reports in whole seconds.
 RESTART_SLACK = timedelta(seconds=2)
+#: Busy keys whose task the lost-message check looks at, the longest busy first: a
+#: window, so that the check costs the same however many keys are busy.
+OLDEST_KEYS = 100
 #: Least time between the two checks that find a task's message gone: a message a worker
 #: is taking (popped, not yet recorded as unacknowledged) is gone for a moment.
 ABSENT_TWICE_GAP = timedelta(seconds=2)
@@ -386,14 +389,33 @@ class Confirmation:
         """Ordered tasks holding their key, dispatched by then and not started: an
         ordered task's start is written as it begins (``outbox.lifecycle``), so one whose
         message has gone from the broker without a start is lost, idempotent or not."""
+        # The keys busy longest (their own index), each to its task by its place: never
+        # through the dispatched rows, which are millions, and never more than a window of
+        # keys. A key stuck at a lost task stays busy, so it is among the oldest by the
+        # time the keys ahead of it have moved on.
+        oldest = (
+            select(_k.key, _k.head_seq)
+            .where(
+                _k.head_seq.is_not(None),
+                _k.head_since.is_not(None),
+                _k.blocked_at.is_(None),
+                _k.head_since <= dispatched_by,
+            )
+            .order_by(_k.head_since)
+            .limit(OLDEST_KEYS)
+            .subquery()
+        )
         with self.engine.connect() as conn:
             return self._watched(
                 conn,
                 _t.status == OutboxStatus.DISPATCHED,
-                _t.ordering_key.is_not(None),
                 _t.task_state.is_(None),
                 _t.dispatched_at <= dispatched_by,
-                exists().where(HOLDS_ITS_KEY, _k.blocked_at.is_(None)),
+                source=oldest.join(
+                    outbox_table,
+                    (_t.ordering_key == oldest.c.key) & (_t.ordering_seq == oldest.c.head_seq),
+                ),
+                order_by=_t.id,
             )
 
     def _stop_keys(self, rows: list[_Watched], now: datetime, why: str) -> int:
@@ -551,7 +573,13 @@ class Confirmation:
                 _t.dispatched_at <= dispatched_by,
             )
 
-    def _watched(self, conn: Connection, *where: ColumnElement[bool]) -> list[_Watched]:
+    def _watched(
+        self,
+        conn: Connection,
+        *where: ColumnElement[bool],
+        source: FromClause = outbox_table,
+        order_by: ColumnElement[Any] = _t.confirm_deadline,
+    ) -> list[_Watched]:
         query: Select[Any] = (
             select(
                 _t.id,
@@ -570,8 +598,9 @@ class Confirmation:
                 _t.ordering_seq,
                 _t.confirm_deadline.is_not(None).label("watched"),
             )
+            .select_from(source)
             .where(*where, ~self._processed())
-            .order_by(_t.confirm_deadline)
+            .order_by(order_by)
             .limit(BATCH_ROWS)
         )
         return [

@@ -202,10 +202,11 @@ def test_the_latest_dead_rows_come_from_the_dead_index(engine: Engine) -> None:
 
 
 def test_the_confirmation_checks_read_through_indexes(engine: Engine, celery_app: Celery) -> None:
-    """Reviving, settling, looking for lost messages and overdue tasks, and putting the 50
-    overdue ones back: the dead and deadline indexes, and the primary key."""
+    """Reviving, settling, looking for lost messages (the ordered tasks not started, from
+    the busy keys) and overdue tasks, and putting the 50 overdue ones back: the dead,
+    deadline and busy-keys indexes, and the primary key."""
     relay = Relay(engine, celery_app, OutboxSettings())
-    assert_indexed(engine, relay.confirmation.run_once, expected=5)
+    assert_indexed(engine, relay.confirmation.run_once, expected=6)
 
 
 def test_the_retention_purge_deletes_through_indexes(engine: Engine) -> None:
@@ -222,9 +223,10 @@ def test_the_ordering_keys_maintenance_reads_through_indexes(
     engine: Engine, celery_app: Celery
 ) -> None:
     """Dead tasks holding keys (the dead index), a window of busy keys (the busy-keys
-    index) and their tasks (the ordering index): never the idle keys or the history."""
+    index) and their tasks (the ordering index), finished or started by a process gone
+    silent (the workers' primary key): never the idle keys or the history."""
     relay = Relay(engine, celery_app, OutboxSettings())
-    assert_indexed(engine, relay.key_keeper.run_once, expected=3)
+    assert_indexed(engine, relay.key_keeper.run_once, expected=4)
 
 
 def in_rolled_back_transaction(engine: Engine, work: Callable[[Connection], object]) -> None:
