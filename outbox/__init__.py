@@ -27,11 +27,18 @@ from outbox.errors import (
     UnsupportedOptionError,
 )
 from outbox.heartbeat import RelayKind
-from outbox.idempotency import ProcessedMessage, idempotent
+from outbox.idempotency import idempotent
 from outbox.options import SUPPORTED_OPTIONS
 from outbox.ordering import KeyState, OnFailure, UnblockAction, active_keys, unblock
 from outbox.relay import BatchResult, DrainResult, Relay
-from outbox.schema import OutboxMessage, OutboxStatus, create_tables, metadata, outbox_table
+from outbox.schema import (
+    OutboxMessage,
+    OutboxStatus,
+    ProcessedMessage,
+    create_tables,
+    metadata,
+    outbox_table,
+)
 from outbox.settings import OutboxSettings
 from outbox.stats import OutboxStats, collect_stats
 from outbox.transient import is_transient_database_error

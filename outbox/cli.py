@@ -39,13 +39,12 @@ from outbox.dead_letters import retry_dead
 from outbox.errors import OutboxError
 from outbox.health import DEFAULT_MAX_LAG, assess
 from outbox.heartbeat import RelayKind
-from outbox.idempotency import ProcessedMessage
 from outbox.metrics import register_outbox_collector
 from outbox.ordering import UnblockAction, active_keys, unblock
 from outbox.relay import DrainResult, Relay
 from outbox.relay_loop import DEFAULT_POLL_INTERVAL, RelayLoop
 from outbox.retention import purge_outbox, purge_processed
-from outbox.schema import OutboxStatus, outbox_table
+from outbox.schema import OutboxStatus, ProcessedMessage, outbox_table
 from outbox.settings import OutboxSettings, parse_duration
 from outbox.stats import collect_stats
 from outbox.stores import store_named

@@ -51,9 +51,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from outbox.brokers import BrokerProbe, BrokerState
 from outbox.clock import Clock, utcnow
-from outbox.idempotency import ProcessedMessage
-from outbox.ordering import Place, finish
-from outbox.schema import OutboxStatus, brokers_table, keys_table, outbox_table
+from outbox.handover import Place, finish
+from outbox.schema import OutboxStatus, ProcessedMessage, brokers_table, keys_table, outbox_table
 from outbox.settings import OutboxSettings
 from outbox.stores import Store
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.engine import Connection
 
-from outbox.ordering import HOLDS_ITS_KEY
+from outbox.handover import HOLDS_ITS_KEY
 from outbox.schema import OutboxStatus, keys_table, outbox_table
 from outbox.stores import store_for
 

@@ -25,21 +25,21 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import datetime
 from typing import Any, ParamSpec, TypeVar, cast
 
 from celery import current_task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.time import get_exponential_backoff_interval
 from kombu.exceptions import OperationalError as BrokerUnavailable
-from sqlalchemy import String, event, inspect
+from sqlalchemy import event, inspect
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column, scoped_session
+from sqlalchemy.orm import Session, scoped_session
 
 from outbox.clock import utcnow
 from outbox.errors import IdempotencyError
+from outbox.handover import finish, place_of, row_of_task
 from outbox.run_outcomes import replacement_task, was_replaced
-from outbox.schema import Base, UTCDateTime
+from outbox.schema import ProcessedMessage
 from outbox.transient import is_transient_database_error
 
 logger = logging.getLogger(__name__)
@@ -53,16 +53,6 @@ DEFAULT_TRANSIENT_RETRIES = 10
 #: Kept under a minute, so a retry waiting in a worker is not taken for a message its
 #: worker died holding by a broker with a one-minute visibility timeout.
 TRANSIENT_BACKOFF_MAX = 30
-
-
-class ProcessedMessage(Base):
-    """A task id whose effects have been committed by an idempotent consumer."""
-
-    __tablename__ = "celery_outbox_processed"
-
-    task_id: Mapped[str] = mapped_column(String(255), primary_key=True)
-    task_name: Mapped[str] = mapped_column(String(255), nullable=False)
-    processed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
 
 
 def idempotent(
@@ -181,8 +171,6 @@ def _run_once(
 def _hand_on_key(db: Session | scoped_session[Session], error: str | None = None) -> None:
     """An ordered task's key goes to its next task in the transaction that records this
     one, so a crash can never leave one done without the other (``outbox.ordering``)."""
-    from outbox.ordering import finish, place_of, row_of_task  # ordering reads our table
-
     request: Any = getattr(current_task, "request", None)
     place = place_of(request)
     if place is None and getattr(request, "replaced_task_nesting", None):

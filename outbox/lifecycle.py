@@ -48,8 +48,8 @@ from sqlalchemy import Integer, Text, Update, bindparam, case, delete, func, or_
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.clock import utcnow
+from outbox.handover import FINAL_STATES, Place, finish, place_of, row_of_task
 from outbox.idempotency import confirms_processing
-from outbox.ordering import FINAL_STATES, Place, finish, place_of, row_of_task
 from outbox.run_outcomes import recorded_state
 from outbox.schema import outbox_table, workers_table
 from outbox.stores import store_for

@@ -12,8 +12,7 @@ from datetime import datetime
 from sqlalchemy import Delete, delete, exists, select
 from sqlalchemy.engine import Engine
 
-from outbox.idempotency import ProcessedMessage
-from outbox.schema import OutboxStatus, keys_table, outbox_table
+from outbox.schema import OutboxStatus, ProcessedMessage, keys_table, outbox_table
 from outbox.stores import store_for
 
 _t = outbox_table.c

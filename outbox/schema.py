@@ -36,6 +36,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import JSON, TypeEngine
 
 from outbox.stores import known_store
+from outbox.stores.postgresql import NOTIFY_CHANNEL, SOME_RELAY_WAITING, WAITING_SEQUENCE
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -257,6 +258,16 @@ class OutboxMessage(Base):
         )
 
 
+class ProcessedMessage(Base):
+    """A task id whose effects have been committed by an idempotent consumer."""
+
+    __tablename__ = "celery_outbox_processed"
+
+    task_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(255), nullable=False)
+    processed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+
+
 #: The Core table, for statements that need no ORM objects (the relay's claim and mark).
 outbox_table = cast(Table, OutboxMessage.__table__)
 
@@ -392,20 +403,6 @@ listeners_table = cast(Table, RelayListener.__table__)
 keys_table = cast(Table, OrderingKey.__table__)
 brokers_table = cast(Table, BrokerIdentity.__table__)
 
-
-#: The channel a committed enqueue notifies on PostgreSQL (see ``relay_loop``).
-NOTIFY_CHANNEL = "celery_outbox"
-
-#: How many relays wait on LISTEN now, kept by the relays (``outbox.wakeups``): what
-#: decides whether a committing enqueue notifies. A sequence, read with
-#: ``pg_sequence_last_value``, because that read takes no snapshot and runs no query: it
-#: fits in the trigger's ``WHEN`` clause, so an INSERT while nobody waits neither calls
-#: the trigger's function nor queues a trigger event. A table read there cost 64
-#: concurrent writers about 10 % of their rate (docs/benchmarks.md).
-WAITING_SEQUENCE = "celery_outbox_waiting"
-
-#: Whether a relay waits on LISTEN now, as a SQL condition.
-SOME_RELAY_WAITING = f"pg_sequence_last_value('{WAITING_SEQUENCE}') > 0"
 
 # Readable by every role: a writer's INSERT evaluates the condition with its own rights,
 # and whether a relay waits is no secret. A value a crash leaves behind is corrected by

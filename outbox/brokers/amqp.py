@@ -28,7 +28,7 @@ from typing import Any
 
 from amqp.exceptions import NotFound
 
-from outbox.brokers import BrokerProbe, BrokerState
+from outbox.brokers.base import BrokerProbe, BrokerState
 
 DATA_MARKER_PREFIX = "celery_outbox.marker."
 RUN_MARKER_PREFIX = "celery_outbox.run."

@@ -32,7 +32,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from outbox.brokers import BrokerProbe, BrokerState, broker_name
+from outbox.brokers.base import BrokerProbe, BrokerState, broker_name
 from outbox.clock import Clock, utcnow
 
 #: The key the relays plant in the broker: its disappearance means the data is gone.

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from celery import Celery, Task, signals
 from kombu.common import Broadcast
 
+from outbox.handover import KEY_HEADER, SEQ_HEADER
 from outbox.lifecycle import ROW_ID_HEADER
-from outbox.ordering import KEY_HEADER, SEQ_HEADER
 from outbox.serialization import decode_wire
 
 if TYPE_CHECKING:

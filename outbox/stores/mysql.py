@@ -48,7 +48,7 @@ from sqlalchemy.sql.dml import Insert
 from sqlalchemy.types import Boolean, TypeEngine, Uuid
 
 from outbox.errors import UnsupportedDatabaseError
-from outbox.stores import Executor, RowUpdate, Store, key_span_rows
+from outbox.stores.base import Executor, RowUpdate, Store, key_span_rows
 
 #: The oldest servers with ``SKIP LOCKED`` and ``JSON_TABLE``.
 MINIMUM_MARIADB = (10, 6)

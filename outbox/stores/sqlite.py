@@ -6,13 +6,14 @@ import json
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy import ColumnElement, Table, and_, exists, false, func, or_, update
+from sqlalchemy import ColumnElement, Table, and_, column, exists, false, func, or_, table, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
-from outbox.schema import OutboxStatus, outbox_table
-from outbox.stores import Executor, Store, key_span_rows
+from outbox.stores.base import Executor, Store, key_span_rows
 
+#: The outbox's table as the claim's lock names it (``outbox.schema`` imports the stores).
+_OUTBOX = table("celery_outbox", column("status"))
 #: SQLite reads JSON integers outside 64 bits as reals.
 _INT64 = range(-(2**63), 2**63)
 
@@ -27,7 +28,7 @@ class SqliteStore(Store):
         # relays cannot claim the same rows. A write statement that matches nothing
         # takes it under any of pysqlite's transaction modes, where an explicit
         # BEGIN IMMEDIATE would clash with one the application's hooks already began.
-        conn.execute(update(outbox_table).where(false()).values(status=OutboxStatus.PENDING))
+        conn.execute(update(_OUTBOX).where(false()).values(status="pending"))
 
     def processed_id_matches(
         self, processed_task_id: ColumnElement[Any], outbox_task_id: ColumnElement[Any]

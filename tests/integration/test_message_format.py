@@ -21,8 +21,8 @@ from kombu import Queue
 from kombu.simple import SimpleQueue
 
 from outbox.brokers import probe_for
+from outbox.handover import KEY_HEADER, SEQ_HEADER
 from outbox.lifecycle import ROW_ID_HEADER
-from outbox.ordering import KEY_HEADER, SEQ_HEADER
 from outbox.publishing import ClaimedRow, publisher_for
 from outbox.serialization import to_wire
 from tests.services import app_on

@@ -24,7 +24,7 @@ from flask import Flask
 from sqlalchemy import Connection, Engine, text
 
 from outbox import OutboxSettings, Relay, collect_stats
-from outbox.ordering import Place, finish
+from outbox.handover import Place, finish
 from outbox.retention import purge_outbox
 from outbox.schema import keys_table
 from outbox.search import latest_dead

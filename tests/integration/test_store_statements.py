@@ -22,11 +22,10 @@ from sqlalchemy import Engine, event, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from outbox import OutboxSettings, OutboxStatus, Relay, TaskOutbox, outbox_table
+from outbox.handover import Place, finish
 from outbox.heartbeat import Heartbeat, RelayKind
-from outbox.idempotency import ProcessedMessage
-from outbox.ordering import Place, finish
 from outbox.retention import purge_idle_keys, purge_outbox, purge_processed
-from outbox.schema import keys_table, relays_table
+from outbox.schema import ProcessedMessage, keys_table, relays_table
 from outbox.stores import store_for
 from tests.services import lock_waiters, wait_for
 from tests.unit.conftest import memory_app

@@ -25,8 +25,8 @@ from outbox import (
     idempotent,
     outbox_table,
 )
+from outbox.handover import FINAL_STATES
 from outbox.lifecycle import LifecycleTracker
-from outbox.ordering import FINAL_STATES
 from outbox.run_outcomes import REPLACED, REQUEUED
 from outbox.schema import keys_table
 from tests.services import wait_for
