@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 
 from outbox.errors import CdcSetupError
 from outbox.schema import outbox_table
+from outbox.stores import store_for
 
 DEFAULT_SLOT = "celery_outbox"
 DEFAULT_PUBLICATION = "celery_outbox"
@@ -94,7 +95,7 @@ class CdcSlot:
         """Create the publication and the slot if they do not exist; whether anything was
         created. Refuses, with the SQL to run, a server or role that cannot."""
         with self.engine.connect() as conn:
-            if conn.dialect.name != "postgresql":
+            if not store_for(conn).streams_changes:
                 raise CdcSetupError(
                     f"the CDC relay reads PostgreSQL's write-ahead log; the outbox is on "
                     f"{conn.dialect.name}. Use `outbox relay` (polling) instead."

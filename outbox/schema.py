@@ -465,7 +465,8 @@ def _current_wakeup(conn: Connection) -> None:
     """Bring an earlier version's wake-up trigger up to date (what migration
     ``outbox_0007`` does), so that ``create_tables`` on an existing database leaves it
     as the models describe."""
-    if conn.dialect.name != "postgresql" or conn.execute(_CURRENT_TRIGGER).scalar_one():
+    store = known_store(conn.dialect.name)
+    if store is None or store.notify_channel is None or conn.execute(_CURRENT_TRIGGER).scalar_one():
         return
     conn.execute(_waiting_sequence)
     conn.execute(_notify_function)

@@ -84,11 +84,12 @@ def collect_stats(bind: Engine | Connection, now: datetime) -> OutboxStats:
                 _t.status == OutboxStatus.DISPATCHED, _t.dispatched_at > now - timedelta(minutes=1)
             )
         ).scalar_one()
-        rows = store_for(conn).estimated_rows(conn, outbox_table)
+        store = store_for(conn)
+        rows = store.estimated_rows(conn, outbox_table)
         relays = relays_seen(conn, now)
         blocked_keys, oldest_blocked = blocked_summary(conn, now)
         cdc_slot = None
-        if conn.dialect.name == "postgresql":
+        if store.streams_changes:
             state = CdcSlot(conn.engine).state(conn)
             cdc_slot = state if state.exists else None
     pending = sum(counts.get(OutboxStatus.PENDING, 0) for counts in by_task.values())
