@@ -204,13 +204,14 @@ class OutboxMessage(Base):
             sqlite_where=text("status = 'pending'"),
         ),
         # A key's task by its place in the key (the task holding it, the key keeper's
-        # and unblock's lookups); unordered rows are not in it. Unique: a key's places
-        # are never handed out twice.
+        # and unblock's lookups); unordered rows are not in it. Not unique, although a
+        # key's places are never handed out twice (its row keeps the count, and is kept
+        # while any row of the key is): on MariaDB and MySQL a unique index's duplicate
+        # check takes gap locks, and writers to different keys would wait for each other.
         Index(
             "ix_celery_outbox_ordering",
             "ordering_key",
             "ordering_seq",
-            unique=True,
             postgresql_where=text("ordering_key IS NOT NULL"),
             sqlite_where=text("ordering_key IS NOT NULL"),
         ),
