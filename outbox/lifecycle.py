@@ -44,7 +44,7 @@ from celery.signals import (
     worker_process_shutdown,
     worker_shutdown,
 )
-from sqlalchemy import Integer, Text, Update, bindparam, case, delete, func, or_, update
+from sqlalchemy import Integer, Text, Update, and_, bindparam, case, delete, func, or_, update
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.clock import utcnow
@@ -435,15 +435,24 @@ def _record_statement() -> Update:
 
     Writers in different worker processes commit on their own timers, so an older run's
     outcome can arrive after a newer one's (a retry that ran in another process): the
-    state and times only move forward, by the time of the event each record reports,
-    while ``task_runs`` counts every run whatever the order.
+    state and times only move forward, while ``task_runs`` counts every run whatever
+    the order.
+
+    Runs are ordered by when they *started*: each later run of a task is caused during
+    an earlier one (a retry or a replacement is published by the run it follows, a
+    requeued or redelivered message is handed back by it), so it starts later, but it
+    may well *end* first: a replacement can succeed in another process before the run
+    that published it has reported ``REPLACED``. Records of one run (its start, then its
+    end) share a start and are ordered by the time of the event each reports.
     """
-    event_at = func.coalesce(
-        bindparam("finished_at", type_=_t.task_finished_at.type),
-        bindparam("started_at", type_=_t.task_started_at.type),
-    )
+    started_at = bindparam("started_at", type_=_t.task_started_at.type)
+    event_at = func.coalesce(bindparam("finished_at", type_=_t.task_finished_at.type), started_at)
     latest = func.coalesce(_t.task_finished_at, _t.task_started_at)
-    newer = or_(latest.is_(None), latest <= event_at)
+    newer = or_(
+        _t.task_started_at.is_(None),
+        _t.task_started_at < started_at,
+        and_(_t.task_started_at == started_at, latest <= event_at),
+    )
 
     def if_newer(new: Any, column: Any) -> Any:
         return case((newer, new), else_=column)

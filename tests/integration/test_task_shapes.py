@@ -167,6 +167,8 @@ def test_each_task_shape_keeps_the_outbox_s_promises(
     expected_rows = [(OutboxStatus.DISPATCHED, SHAPES[shape])] * len(LABELS)
     #: Kills of each task the test has spent the defaults' time on.
     spent: dict[str, int] = {}
+    #: What the last look saw, which a timeout reports.
+    seen: dict[str, object] = {}
 
     def settled() -> bool:
         relay.drain()
@@ -180,12 +182,16 @@ def test_each_task_shape_keeps_the_outbox_s_promises(
                         ahead.maintain()
                         # What it put back is due by its clock, not yet by the real one.
                         ahead.drain(maintain=False)
+        seen.update(effects=effects(engine, task_ids), rows=rows(engine, task_ids))
         return (
-            sorted(effects(engine, task_ids)) == sorted(expected_effects)
-            and rows(engine, task_ids) == expected_rows
+            sorted(seen["effects"]) == sorted(expected_effects)  # type: ignore[call-overload]
+            and seen["rows"] == expected_rows
         )
 
-    wait_for(settled, timeout=60, interval=0.1)
+    try:
+        wait_for(settled, timeout=60, interval=0.1)
+    except pytest.fail.Exception:
+        pytest.fail(f"not settled within 60 s: task ids {task_ids}, last seen {seen}")
     applied = effects(engine, task_ids)
     assert sorted(expected_effects) == sorted(applied), "each effect exactly once"
     if ordered:

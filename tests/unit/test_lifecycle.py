@@ -246,6 +246,40 @@ def test_an_older_run_reported_late_does_not_overwrite_a_newer_one(
         assert "Retry in 5s: boom" == stored.task_error, "why it needed a retry is kept"
 
 
+def test_a_run_that_ends_after_the_run_it_caused_does_not_overwrite_it(
+    engine: Engine, lifecycle_app: Celery, tracker: LifecycleTracker
+) -> None:
+    """A replacement (or a retry) is published by the run before it and may succeed in
+    another process before that run has ended: the later-started run's outcome stays."""
+    tracker.disconnect()
+    _, row = enqueue_and_publish(engine, lifecycle_app, "unit.add", (1, 2))
+    replaced, replacement = (LifecycleTracker(engine, flush_interval=3600) for _ in range(2))
+    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    try:
+        replacement._queue(
+            row.id,
+            "SUCCESS",
+            t0 + timedelta(seconds=1),
+            t0 + timedelta(seconds=2),
+            None,
+            None,
+            ran=1,
+        )
+        assert 1 == replacement.flush()
+        replaced._queue(row.id, "REPLACED", t0, t0 + timedelta(seconds=3), None, None, ran=1)
+        assert 1 == replaced.flush()
+    finally:
+        tracker.connect()
+    with Session(engine) as session:
+        stored = session.get(OutboxMessage, row.id)
+        assert stored is not None
+        assert ("SUCCESS", 2) == (stored.task_state, stored.task_runs)
+        assert (t0 + timedelta(seconds=1), t0 + timedelta(seconds=2)) == (
+            stored.task_started_at,
+            stored.task_finished_at,
+        )
+
+
 def test_an_unreachable_database_is_logged_and_never_fails_the_task(
     lifecycle_app: Celery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
