@@ -5,10 +5,18 @@ relay publishes it after commit under a task id fixed at enqueue time.
 """
 
 # Importing it registers the outbox-filesystem:// transport alias with kombu.
-from outbox.brokers.filesystem import FILESYSTEM_TRANSPORT, FilesystemChannel, FilesystemTransport
-from outbox.confirmation import ConfirmationResult
-from outbox.dead_letters import retry_dead
-from outbox.enqueue import OrderedOutbox, SessionLike, TaskOutbox
+from outbox.admin.dead_letters import retry_dead
+from outbox.consumers.idempotency import idempotent
+from outbox.data.schema import (
+    OutboxMessage,
+    OutboxStatus,
+    ProcessedMessage,
+    create_tables,
+    metadata,
+    outbox_table,
+)
+from outbox.enqueue.options import SUPPORTED_OPTIONS
+from outbox.enqueue.task_outbox import OrderedOutbox, SessionLike, TaskOutbox
 from outbox.errors import (
     ArgumentNotSerializableError,
     IdempotencyError,
@@ -26,22 +34,18 @@ from outbox.errors import (
     UnsupportedDatabaseError,
     UnsupportedOptionError,
 )
-from outbox.heartbeat import RelayKind
-from outbox.idempotency import idempotent
-from outbox.options import SUPPORTED_OPTIONS
-from outbox.ordering import KeyState, OnFailure, UnblockAction, active_keys, unblock
-from outbox.relay import BatchResult, DrainResult, Relay
-from outbox.schema import (
-    OutboxMessage,
-    OutboxStatus,
-    ProcessedMessage,
-    create_tables,
-    metadata,
-    outbox_table,
-)
+from outbox.maintenance.confirmation import ConfirmationResult
+from outbox.maintenance.heartbeat import RelayKind
+from outbox.observability.stats import OutboxStats, collect_stats
+from outbox.ordering.keys import KeyState, OnFailure, UnblockAction, active_keys, unblock
+from outbox.relays.batch import BatchResult, DrainResult, Relay
 from outbox.settings import OutboxSettings
-from outbox.stats import OutboxStats, collect_stats
 from outbox.transient import is_transient_database_error
+from outbox.transports.filesystem import (
+    FILESYSTEM_TRANSPORT,
+    FilesystemChannel,
+    FilesystemTransport,
+)
 
 __all__ = [
     "FILESYSTEM_TRANSPORT",

@@ -24,7 +24,7 @@ DEFAULT_RETENTION = 7 * 86400.0
 DEFAULT_PROCESSED_RETENTION = 30 * 86400.0
 DEFAULT_CDC_GRACE = 30.0
 
-#: The values of ``ordering_on_failure`` (``outbox.ordering.OnFailure``).
+#: The values of ``ordering_on_failure`` (``outbox.ordering.keys.OnFailure``).
 _ON_FAILURE = {"block", "skip"}
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -53,7 +53,8 @@ class OutboxSettings:
     #: itself: a broker outage charges nothing).
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     #: Publishes of a task whose consumer never confirms it before its row is marked
-    #: ``dead`` (``outbox.confirmation``); it comes back if the confirmation arrives later.
+    #: ``dead`` (``outbox.maintenance.confirmation``); it comes back if the confirmation
+    #: arrives later.
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
     #: First retry delay in seconds after a failed publish; doubles per attempt.
     retry_backoff: float = DEFAULT_RETRY_BACKOFF
@@ -67,7 +68,7 @@ class OutboxSettings:
     #: is presumed lost and published again, whatever the broker. Set it above the
     #: longest queue wait plus run time: a redelivery that arrives while the first is
     #: still running waits for it and is then skipped, but it is wasted work. On Redis a
-    #: lost message is found much sooner, by looking for it (``outbox.confirmation``).
+    #: lost message is found much sooner, by looking for it (``outbox.maintenance.confirmation``).
     confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT
     #: Seconds the relay waits for a broker with publisher confirms (RabbitMQ) to
     #: acknowledge a batch; what is unconfirmed then stays pending and goes out again.
@@ -85,10 +86,10 @@ class OutboxSettings:
     track_started: bool = False
     #: What happens to an ordering key whose task failed for good or went dead:
     #: ``block`` (its later tasks wait for ``flask outbox unblock``) or ``skip`` (the next
-    #: one goes). See ``outbox.ordering``.
+    #: one goes). See ``outbox.ordering.keys``.
     ordering_on_failure: str = "block"
     #: Seconds a row the CDC relay streams (enqueued with no countdown, eta or ordering
-    #: key) is left to it while it runs (``outbox.cdc_relay``): polling relays and
+    #: key) is left to it while it runs (``outbox.relays.cdc``): polling relays and
     #: sweeps take such a row only once it is older, so the two never race for it, and a
     #: stream that stalls still costs a task no more than this.
     cdc_grace: float = DEFAULT_CDC_GRACE

@@ -18,8 +18,8 @@ from typing import Any
 
 from celery.result import EagerResult
 
-from outbox.enqueue import EnqueuedTask, TaskOutbox
-from outbox.serialization import from_wire
+from outbox.enqueue.serialization import from_wire
+from outbox.enqueue.task_outbox import EnqueuedTask, TaskOutbox
 
 __all__ = ["CapturedTasks", "EnqueuedTask", "capture_tasks"]
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from outbox.pgoutput import PG_EPOCH, Message
+from outbox.postgres.pgoutput import PG_EPOCH, Message
 from tests.unit.test_pgoutput import encode
 
 _SSL_REQUEST = 80877103

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from outbox.pgoutput import Commit, Message, decode
+from outbox.postgres.pgoutput import Commit, Message, decode
 
 #: How long the server may take to start or stop (``pg_ctl -t``).
 START_TIMEOUT = 60

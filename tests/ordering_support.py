@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from outbox import TaskOutbox, idempotent
-from outbox.handover import KEY_HEADER, SEQ_HEADER
+from outbox.ordering.handover import KEY_HEADER, SEQ_HEADER
 
 metadata = MetaData()
 applied_table = Table(

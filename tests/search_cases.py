@@ -1,4 +1,4 @@
-"""Rows and searches shared by the tests of ``outbox.search`` on every database."""
+"""Rows and searches shared by the tests of ``outbox.admin.search`` on every database."""
 
 from __future__ import annotations
 

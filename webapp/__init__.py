@@ -13,8 +13,8 @@ from sqlalchemy.engine import Engine
 
 from outbox.contrib.dashboard import dashboard_blueprint
 from outbox.contrib.monitoring import monitoring_blueprint
-from outbox.schema import create_tables
-from outbox.schema import metadata as outbox_metadata
+from outbox.data.schema import create_tables
+from outbox.data.schema import metadata as outbox_metadata
 from webapp import config
 from webapp.accidents import accidents_command
 from webapp.errors import register_error_handlers

@@ -10,7 +10,7 @@ from sqlalchemy import JSON, ForeignKey, String
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
-from outbox.schema import UTCDateTime
+from outbox.data.schema import UTCDateTime
 from webapp.extensions import db
 
 #: The longest ``Idempotency-Key`` accepted (Stripe's limit; a UUID is 36).

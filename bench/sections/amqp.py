@@ -1,6 +1,6 @@
 """Relay versus plain loop on RabbitMQ, each waiting for the broker's publisher confirms.
 
-On RabbitMQ the relay publishes on a confirm channel (``outbox.publishing.amqp``): a
+On RabbitMQ the relay publishes on a confirm channel (``outbox.transports.amqp``): a
 batch goes out without waiting between messages, then the broker's acks are awaited
 together. An application that wants the same guarantee from ``apply_async`` sets
 ``broker_transport_options={"confirm_publish": True}``, and py-amqp then waits for each

@@ -39,8 +39,8 @@ from bench.data import empty_queue, empty_tables
 from bench.results import Figure, percentile
 from bench.sections.latency import paced_enqueues, warm_up
 from outbox import TaskOutbox
-from outbox.cdc_slot import CdcSlot
-from outbox.pgoutput import Commit, decode, format_lsn
+from outbox.postgres.pgoutput import Commit, decode, format_lsn
+from outbox.postgres.slot import CdcSlot
 from tests.logical_postgres import LogicalCluster, logical_cluster, read_until_commit
 
 SECTION = "cdc"

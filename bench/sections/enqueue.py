@@ -10,7 +10,7 @@ takes the key's next number: timed on its own.
 The flush compares the two ways a session can write ``k`` enqueued rows, side by side
 in one run and in alternating order: the ORM unit of work (every column, each new id
 returned and tracked) and what the outbox's ``before_flush`` listener does instead, one
-INSERT of the columns an enqueue sets (``outbox.session_rows``). Each round begins a
+INSERT of the columns an enqueue sets (``outbox.data.session_rows``). Each round begins a
 transaction with one statement, as a request has by the time it enqueues, adds the rows,
 flushes and rolls back.
 """
@@ -30,12 +30,12 @@ from bench.context import Context, rotated
 from bench.results import RATIO, Figure, median, ratios
 from outbox import OutboxMessage, OutboxStatus, TaskOutbox
 from outbox.clock import utcnow
-from outbox.options import resolve_options
-from outbox.schema import keys_table
-from outbox.serialization import encode
-from outbox.session_rows import add_row
-from outbox.stores import store_for
-from outbox.tracing import current_trace_headers
+from outbox.data import store_for
+from outbox.data.schema import keys_table
+from outbox.data.session_rows import add_row
+from outbox.enqueue.options import resolve_options
+from outbox.enqueue.serialization import encode
+from outbox.observability.tracing import current_trace_headers
 
 SECTION = "enqueue"
 #: Calls per round of a part, and rounds (the best round counts).
@@ -99,7 +99,7 @@ def run(ctx: Context) -> list[Figure]:
             ),
             Figure(
                 SECTION,
-                f"flush of {rows} rows, one INSERT (outbox.session_rows)",
+                f"flush of {rows} rows, one INSERT (outbox.data.session_rows)",
                 "µs/flush",
                 spent[ONE_INSERT],
                 note=f"median of {ctx.sizes.flush_rounds} transactions per run",

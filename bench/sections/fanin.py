@@ -6,7 +6,7 @@ pending outbox row, as in the ``wakeup`` section. pgbench logs each transaction'
 right after its COMMIT returned (``-l``); a watcher process pops the messages off the
 Redis queue as they land, on the same wall clock. The example's ``flask --app webapp
 outbox relay`` publishes them, waking on NOTIFY while it waits and standing down while
-it is busy (``outbox.wakeups``).
+it is busy (``outbox.postgres.wakeups``).
 
 Each row's argument is its pgbench client, and a client's transactions run one after
 another, so the k-th row of a client (by id) is the k-th transaction of its log: that

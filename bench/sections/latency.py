@@ -99,7 +99,7 @@ def run(ctx: Context) -> list[Figure]:
 
 
 def _check_ms() -> str:
-    from outbox.stores.mysql import MySQLStore
+    from outbox.data.mysql import MySQLStore
 
     return f"{(MySQLStore.due_check_interval or 0) * 1000:g}"
 

@@ -26,7 +26,7 @@ through one relay to two ``-P solo`` workers, without a key and over
 ``ordering_e2e_keys`` keys (the rows dealt round the keys, so each key has as many
 tasks), runs in turn in a rotated order. The rate is rows over the time from the rows'
 commit (one INSERT, with the keys' rows for the keyed run) until the last task has
-counted itself done. The relay is a :class:`~outbox.relay_loop.RelayLoop` in a process
+counted itself done. The relay is a :class:`~outbox.relays.loop.RelayLoop` in a process
 of its own (``python -m bench.sections.ordering relay``: what ``flask outbox relay``
 runs, with ``bench.count`` registered): a key's next task becomes pending only when the
 one before it has finished, and the NOTIFY of that hand-over wakes the relay, so a
@@ -500,7 +500,7 @@ def _relay_process() -> int:
     from sqlalchemy import create_engine
 
     from bench.celery_app import app
-    from outbox.relay_loop import RelayLoop
+    from outbox.relays.loop import RelayLoop
 
     # Like the relay command: this process never waits for task results.
     _set_task_join_will_block(True)

@@ -58,9 +58,9 @@ from bench.context import Context, rotated
 from bench.data import add_dispatched, empty_queue, schema_of_its_own
 from bench.results import RATIO, Figure, Target, median, ratios
 from outbox import ConfirmationResult, Relay, collect_stats
+from outbox.admin.search import latest_dead
 from outbox.clock import utcnow
-from outbox.confirmation import LOST_AFTER
-from outbox.search import latest_dead
+from outbox.maintenance.confirmation import LOST_AFTER
 
 SECTION = "probes"
 STATS, DEAD, CONFIRMATION = "collect_stats", "latest_dead(limit=20)", "confirmation pass"

@@ -3,7 +3,7 @@
 Every INSERT into the outbox fires the ``celery_outbox_notify`` trigger. PostgreSQL
 serialises the commits of notifying transactions behind one lock, so a NOTIFY on every
 commit caps how fast many writers can commit at once; the trigger therefore notifies only
-while a relay waits on LISTEN (``outbox.wakeups``). Each run is ``pgbench`` committing one
+while a relay waits on LISTEN (``outbox.postgres.wakeups``). Each run is ``pgbench`` committing one
 INSERT of a pending outbox row per transaction from concurrent clients, on the bench's own
 database, with the trigger as one of:
 

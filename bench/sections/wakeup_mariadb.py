@@ -29,7 +29,7 @@ from bench.children import Child
 from bench.context import Context, rotated
 from bench.results import RATIO, Figure, Target, ratios
 from bench.sections.latency import mariadb_database, wait_until_ready
-from outbox.stores.mysql import MySQLStore
+from outbox.data.mysql import MySQLStore
 
 SECTION = "wakeup_mariadb"
 WAITING, NONE = "relay waiting", "no relay"

@@ -24,9 +24,9 @@ from celery import Celery, Task
 from celery.signals import celeryd_after_setup
 from kombu import Queue
 
-from outbox.heartbeat import forget_relays
-from outbox.relay import Relay
-from outbox.retention import purge_idle_keys, purge_outbox, purge_processed
+from outbox.maintenance.heartbeat import forget_relays
+from outbox.maintenance.retention import purge_idle_keys, purge_outbox, purge_processed
+from outbox.relays.batch import Relay
 from outbox.settings import OutboxSettings
 
 logger = logging.getLogger(__name__)

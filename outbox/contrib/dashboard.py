@@ -3,7 +3,7 @@
 ``app.register_blueprint(dashboard_blueprint())`` serves it at ``/outbox``: the outbox's
 health at a glance (the same figures as ``flask outbox status``, judged against
 ``OUTBOX_HEALTH_MAX_LAG`` like ``/healthz``), the latest dead rows, and a search by task
-id or argument value (see :mod:`outbox.search`) showing each task's outbox status and
+id or argument value (see :mod:`outbox.admin.search`) showing each task's outbox status and
 what the worker reported about it. The page changes nothing.
 
 The page shows task arguments and errors, which are often personal data, so it is
@@ -33,16 +33,16 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, render_template, request
 from sqlalchemy import Row
 
-from outbox.cli import flower_task_url
+from outbox.admin.cli import flower_task_url
+from outbox.admin.search import TaskSearch, find_tasks, latest_dead, parse_search
 from outbox.clock import utcnow
 from outbox.contrib.flask import EXTENSION_NAME
+from outbox.data.schema import OutboxStatus
+from outbox.enqueue.serialization import from_wire
 from outbox.errors import InvalidSearchError, InvalidSettingError
-from outbox.health import DEFAULT_MAX_LAG, assess
-from outbox.schema import OutboxStatus
-from outbox.search import TaskSearch, find_tasks, latest_dead, parse_search
-from outbox.serialization import from_wire
+from outbox.observability.health import DEFAULT_MAX_LAG, assess
+from outbox.observability.stats import collect_stats
 from outbox.settings import parse_flag
-from outbox.stats import collect_stats
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Flask extension: ``Outbox(app, db)`` and the ``flask outbox`` command group (the
-commands of :mod:`outbox.cli`, given the app's database, Celery app and settings)."""
+commands of :mod:`outbox.admin.cli`, given the app's database, Celery app and settings)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ from flask import Flask, current_app
 from flask.cli import with_appcontext
 from sqlalchemy import make_url
 
-from outbox.brokers import BrokerProbe, probe_for
-from outbox.cli import COMMANDS, Operations
-from outbox.enqueue import OrderedOutbox, SessionLike, TaskOutbox, TaskRef
+from outbox.admin.cli import COMMANDS, Operations
+from outbox.consumers.idempotency import DEFAULT_TRANSIENT_RETRIES, idempotent
+from outbox.consumers.lifecycle import LifecycleTracker
+from outbox.data import store_named
+from outbox.data.schema import create_tables
+from outbox.enqueue.task_outbox import OrderedOutbox, SessionLike, TaskOutbox, TaskRef
 from outbox.errors import OutboxError
-from outbox.heartbeat import RelayKind
-from outbox.idempotency import DEFAULT_TRANSIENT_RETRIES, idempotent
-from outbox.lifecycle import LifecycleTracker
-from outbox.relay import Relay
-from outbox.schema import create_tables
+from outbox.maintenance.heartbeat import RelayKind
+from outbox.relays.batch import Relay
 from outbox.settings import OutboxSettings
-from outbox.stores import store_named
+from outbox.transports import BrokerProbe, probe_for
 
 EXTENSION_NAME = "outbox"
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class _OutboxState:
         return Relay(self.db.engine, self.celery_app, self.settings, kind=kind, probe=self.probe)
 
     def operations(self, config: Mapping[str, Any], command: str) -> Operations:
-        """What the commands of :mod:`outbox.cli` operate on, for this app (inside its
+        """What the commands of :mod:`outbox.admin.cli` operate on, for this app (inside its
         application context)."""
         return Operations(
             engine=self.db.engine,
@@ -116,7 +116,8 @@ class Outbox:
         app.cli.add_command(outbox_cli)
 
     def track_lifecycle(self, app: Flask) -> LifecycleTracker | None:
-        """In a worker: record each outbox task's outcome on its row (``outbox.lifecycle``).
+        """In a worker: record each outbox task's outcome on its row
+        (``outbox.consumers.lifecycle``).
 
         Call it from Celery's ``worker_init`` signal. Returns the connected tracker, or
         ``None`` when ``OUTBOX_TRACK_LIFECYCLE`` is off. The engine is looked up at the

@@ -11,9 +11,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from outbox.clock import Clock, utcnow
 from outbox.contrib.flask import EXTENSION_NAME
-from outbox.health import DEFAULT_CACHE_SECONDS, DEFAULT_MAX_LAG, RecentAnswer, assess
-from outbox.metrics import register_outbox_collector
-from outbox.stats import OutboxStats, collect_stats
+from outbox.observability.health import DEFAULT_CACHE_SECONDS, DEFAULT_MAX_LAG, RecentAnswer, assess
+from outbox.observability.metrics import register_outbox_collector
+from outbox.observability.stats import OutboxStats, collect_stats
 from outbox.transient import is_transient_database_error
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from sqlalchemy import Connection, Engine, insert, update
 from outbox import OutboxStatus, collect_stats, outbox_table
 from outbox.clock import utcnow
 from outbox.contrib.dashboard import BASIC_AUTH_KEY
-from outbox.serialization import to_wire
+from outbox.enqueue.serialization import to_wire
 from tasks.orders import notify_customer
 from webapp.extensions import db, outbox
 

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from outbox import TaskOutbox, active_keys, collect_stats, outbox_table
 from outbox.clock import utcnow
-from outbox.schema import keys_table
+from outbox.data.schema import keys_table
 from tests.chaos.checks import ROLLBACK_EVERY, Orders, create_orders
 from tests.chaos.processes import pause
 from tests.worker_tasks import notify_by_replacement, notify_on_receipt, reserve_routed

@@ -23,7 +23,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from outbox import OutboxStatus, Relay, TaskOutbox, outbox_table
-from outbox.schema import brokers_table
+from outbox.data.schema import brokers_table
 from tasks.orders import reserve_stock
 from tests.chaos.checks import effects_per_order, enqueue_orders, outbox_counts, tally
 from tests.chaos.processes import start_relay, start_worker, stop_all

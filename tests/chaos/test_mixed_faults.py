@@ -47,8 +47,8 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from outbox import OutboxStatus, outbox_table
-from outbox.ordering import WORKER_GONE_AFTER
-from outbox.schema import brokers_table
+from outbox.data.schema import brokers_table
+from outbox.maintenance.key_keeper import WORKER_GONE_AFTER
 from tests.chaos.own_tasks import (
     OwnTasks,
     key_outcomes,

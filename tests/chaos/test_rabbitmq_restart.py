@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, select
 
-from outbox.schema import brokers_table
+from outbox.data.schema import brokers_table
 from tasks.orders import reserve_stock
 from tests.chaos.checks import (
     Orders,

@@ -28,7 +28,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from outbox import TaskOutbox, outbox_table
-from outbox.relay_loop import DEFAULT_POLL_INTERVAL
+from outbox.relays.loop import DEFAULT_POLL_INTERVAL
 from tasks.orders import reserve_stock
 from tests.chaos.checks import (
     Orders,

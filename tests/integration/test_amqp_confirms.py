@@ -22,8 +22,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from outbox import OutboxSettings, OutboxStatus, Relay, TaskOutbox, outbox_table
-from outbox.confirmation import ABSENT_TWICE_GAP, LOST_AFTER
-from outbox.publishing.amqp import ConfirmingPublisher
+from outbox.maintenance.confirmation import ABSENT_TWICE_GAP, LOST_AFTER
+from outbox.transports.amqp import ConfirmingPublisher
 from tasks.orders import notify_customer, reserve_stock
 from tests.chaos.redis_server import free_port
 from tests.rabbitmq import (

@@ -15,12 +15,12 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from outbox import OutboxSettings, OutboxStatus, Relay, TaskOutbox, outbox_table
-from outbox.brokers import BrokerState, probe_for
-from outbox.brokers.amqp import DATA_MARKER_PREFIX, AmqpProbe
-from outbox.brokers.redis import EPOCH_KEY, RedisProbe
-from outbox.confirmation import Confirmation
-from outbox.schema import brokers_table
-from outbox.stores import store_for
+from outbox.data import store_for
+from outbox.data.schema import brokers_table
+from outbox.maintenance.confirmation import Confirmation
+from outbox.transports import BrokerState, probe_for
+from outbox.transports.amqp import DATA_MARKER_PREFIX, AmqpProbe
+from outbox.transports.redis import EPOCH_KEY, RedisProbe
 from tasks.orders import notify_customer
 from tests.integration.test_delivery import make_order, notifications, row_status
 from tests.rabbitmq import delete_queue

@@ -26,18 +26,18 @@ from sqlalchemy import Engine, create_engine, select, text
 from sqlalchemy.orm import Session
 
 from outbox import OutboxSettings, OutboxStatus, Relay, TaskOutbox
-from outbox.cdc_relay import CdcRelay
-from outbox.cdc_slot import CdcSlot
-from outbox.cli import main
+from outbox.admin.cli import main
+from outbox.data import store_for
+from outbox.data.schema import outbox_table
 from outbox.errors import CdcSetupError
-from outbox.health import assess
-from outbox.heartbeat import Heartbeat, RelayKind
-from outbox.metrics import register_outbox_collector
-from outbox.pgoutput import parse_lsn
-from outbox.publishing.amqp import ConfirmingPublisher
-from outbox.schema import outbox_table
-from outbox.stats import collect_stats
-from outbox.stores import store_for
+from outbox.maintenance.heartbeat import Heartbeat, RelayKind
+from outbox.observability.health import assess
+from outbox.observability.metrics import register_outbox_collector
+from outbox.observability.stats import collect_stats
+from outbox.postgres.pgoutput import parse_lsn
+from outbox.postgres.slot import CdcSlot
+from outbox.relays.cdc import CdcRelay
+from outbox.transports.amqp import ConfirmingPublisher
 from tasks.orders import notify_customer
 from tests.integration.test_amqp_confirms import drain_queue
 from tests.logical_postgres import LogicalCluster

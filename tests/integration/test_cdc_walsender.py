@@ -20,10 +20,10 @@ import redis
 from celery import Celery
 from sqlalchemy import Engine
 
-from outbox import cdc_relay
-from outbox.cdc_relay import CdcRelay
-from outbox.pgoutput import Begin, Column, Commit, Insert, Relation
-from outbox.schema import outbox_table
+from outbox.data.schema import outbox_table
+from outbox.postgres.pgoutput import Begin, Column, Commit, Insert, Relation
+from outbox.relays import cdc as cdc_relay
+from outbox.relays.cdc import CdcRelay
 from tests.chaos.redis_server import RedisServer
 from tests.fake_cdc_walsender import FakeWalsender, keepalive, xlog_data
 from tests.integration.test_cdc_relay import GatedPublisher, published_ids

@@ -25,7 +25,7 @@ from outbox import (
     UnsupportedOptionError,
     outbox_table,
 )
-from outbox.retention import purge_outbox
+from outbox.maintenance.retention import purge_outbox
 from tasks.orders import notify_customer
 from tests.services import wait_for
 from webapp.models import Notification, Order

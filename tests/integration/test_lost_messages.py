@@ -19,7 +19,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from outbox import OutboxStatus, Relay, TaskOutbox, outbox_table
-from outbox.confirmation import ABSENT_TWICE_GAP, LOST_AFTER
+from outbox.maintenance.confirmation import ABSENT_TWICE_GAP, LOST_AFTER
 from tasks.orders import reserve_stock
 from tests.integration.test_delivery import broker_messages, make_order
 
@@ -102,7 +102,7 @@ def test_behind_a_backlog_too_long_to_read_the_broker_cannot_tell(
 ) -> None:
     """More messages than MAX_MESSAGES_READ: nothing is read, so nothing is taken for lost
     (the task waits for its confirmation timeout instead)."""
-    from outbox.brokers import redis as redis_probe
+    from outbox.transports import redis as redis_probe
 
     order_id = make_order(engine)
     with Session(engine) as session:

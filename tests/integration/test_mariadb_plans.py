@@ -17,8 +17,8 @@ from celery import Celery
 from sqlalchemy import Engine, text
 
 from outbox import OutboxSettings, Relay, collect_stats
-from outbox.retention import purge_outbox
-from outbox.search import latest_dead
+from outbox.admin.search import latest_dead
+from outbox.maintenance.retention import purge_outbox
 from tests.plans import OUTBOX_TABLE, sent_by
 from tests.services import OUTBOX_TABLES, empty
 

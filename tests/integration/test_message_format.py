@@ -20,11 +20,10 @@ from celery.events import get_exchange
 from kombu import Queue
 from kombu.simple import SimpleQueue
 
-from outbox.brokers import probe_for
-from outbox.handover import KEY_HEADER, SEQ_HEADER
-from outbox.lifecycle import ROW_ID_HEADER
-from outbox.publishing import ClaimedRow, publisher_for
-from outbox.serialization import to_wire
+from outbox.consumers.lifecycle import ROW_ID_HEADER
+from outbox.enqueue.serialization import to_wire
+from outbox.ordering.handover import KEY_HEADER, SEQ_HEADER
+from outbox.transports import ClaimedRow, probe_for, publisher_for
 from tests.services import app_on
 
 TASK = "format.probe"

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from outbox import Relay, TaskOutbox, outbox_table
 from outbox.contrib.monitoring import CACHE_SECONDS_KEY
-from outbox.schema import relays_table
+from outbox.data.schema import relays_table
 
 
 @pytest.fixture(autouse=True)

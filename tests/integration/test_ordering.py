@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, select, text
 
 from outbox import OutboxStatus, Relay, TaskOutbox, outbox_table
-from outbox.relay_loop import RelayLoop
+from outbox.relays.loop import RelayLoop
 from tests.chaos.checks import create_orders
 from tests.ordering_support import Writer
 from tests.services import wait_for

@@ -51,7 +51,7 @@ from outbox import (
     active_keys,
     unblock,
 )
-from outbox.schema import create_tables, keys_table, outbox_table
+from outbox.data.schema import create_tables, keys_table, outbox_table
 from tests.ordering_support import FAIL, RETRY, SUCCESS, Consumer, Writer, applied_table
 from tests.unit.conftest import drain_queue, memory_app
 

@@ -19,7 +19,8 @@ from sqlalchemy import Engine, delete, text, update
 from sqlalchemy.orm import Session
 
 from outbox import TaskOutbox
-from outbox.pgoutput import (
+from outbox.data.schema import outbox_table
+from outbox.postgres.pgoutput import (
     Begin,
     Commit,
     Delete,
@@ -31,7 +32,6 @@ from outbox.pgoutput import (
     Update,
     decode,
 )
-from outbox.schema import outbox_table
 from tests.logical_postgres import LogicalCluster, read_until_commit
 
 pytestmark = pytest.mark.postgresql

@@ -24,11 +24,11 @@ from flask import Flask
 from sqlalchemy import Connection, Engine, text
 
 from outbox import OutboxSettings, Relay, collect_stats
-from outbox.handover import Place, finish
-from outbox.retention import purge_outbox
-from outbox.schema import keys_table
-from outbox.search import latest_dead
-from outbox.stores import store_for
+from outbox.admin.search import latest_dead
+from outbox.data import store_for
+from outbox.data.schema import keys_table
+from outbox.maintenance.retention import purge_outbox
+from outbox.ordering.handover import Place, finish
 from tests.plans import sent_by
 
 #: PostgreSQL's plans (EXPLAIN ANALYZE BUFFERS); MariaDB's are in test_mariadb_plans.

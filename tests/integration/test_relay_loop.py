@@ -20,8 +20,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from outbox import OutboxStatus, Relay, TaskOutbox
-from outbox.relay_loop import RelayLoop
-from outbox.stores import store_for
+from outbox.data import store_for
+from outbox.relays.loop import RelayLoop
 from tests.integration.test_delivery import broker_messages, row_status
 from tests.services import ROOT, wait_for
 

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from outbox import OutboxSettings, OutboxStatus, Relay, TaskOutbox, idempotent, outbox_table
-from outbox.confirmation import ABSENT_TWICE_GAP, LOST_AFTER
+from outbox.maintenance.confirmation import ABSENT_TWICE_GAP, LOST_AFTER
 from tests.integration.test_lost_messages import Clock
 from tests.services import app_on
 

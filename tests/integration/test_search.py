@@ -1,4 +1,4 @@
-"""Finding rows by task id or argument value (``outbox.search``), on every database:
+"""Finding rows by task id or argument value (``outbox.admin.search``), on every database:
 JSONB containment on PostgreSQL, JSON_TABLE on MariaDB, json_each on SQLite."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from celery import Celery
 from sqlalchemy import Engine, update
 
 from outbox import OutboxStatus, TaskOutbox, outbox_table
-from outbox.search import find_tasks, latest_dead, parse_search
+from outbox.admin.search import find_tasks, latest_dead, parse_search
 from tests.search_cases import CASES, enqueue_rows
 
 

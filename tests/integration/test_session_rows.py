@@ -15,8 +15,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from outbox import OutboxMessage, OutboxSettings, OutboxStatus, TaskOutbox, outbox_table
-from outbox.enqueue import EnqueuedTask
-from outbox.schema import keys_table
+from outbox.data.schema import keys_table
+from outbox.enqueue.task_outbox import EnqueuedTask
 from tests.services import lock_waiters, wait_for
 from tests.unit.conftest import memory_app
 

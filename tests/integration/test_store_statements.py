@@ -3,7 +3,7 @@ PostgreSQL, MariaDB and SQLite (``store_engine``).
 
 The claim and its row locks, timestamps and task ids as stored, the processed-id match,
 the per-key sequence and its hand-over, upserts, the batched purges and the row
-estimate: what differs between the databases is in ``outbox.stores``, and these tests
+estimate: what differs between the databases is in ``outbox.data``, and these tests
 hold each of them to the same behaviour.
 """
 
@@ -22,11 +22,11 @@ from sqlalchemy import Engine, event, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from outbox import OutboxSettings, OutboxStatus, Relay, TaskOutbox, outbox_table
-from outbox.handover import Place, finish
-from outbox.heartbeat import Heartbeat, RelayKind
-from outbox.retention import purge_idle_keys, purge_outbox, purge_processed
-from outbox.schema import ProcessedMessage, keys_table, relays_table
-from outbox.stores import store_for
+from outbox.data import store_for
+from outbox.data.schema import ProcessedMessage, keys_table, relays_table
+from outbox.maintenance.heartbeat import Heartbeat, RelayKind
+from outbox.maintenance.retention import purge_idle_keys, purge_outbox, purge_processed
+from outbox.ordering.handover import Place, finish
 from tests.services import lock_waiters, wait_for
 from tests.unit.conftest import memory_app
 

@@ -14,8 +14,9 @@ from celery import Celery
 from sqlalchemy import Engine, select
 
 from outbox import KeyNotBlockedError, Relay, TaskOutbox, UnblockAction, outbox_table, unblock
-from outbox.confirmation import ABSENT_TWICE_GAP, LOST_AFTER
-from outbox.ordering import WORKER_GONE_AFTER, active_keys
+from outbox.maintenance.confirmation import ABSENT_TWICE_GAP, LOST_AFTER
+from outbox.maintenance.key_keeper import WORKER_GONE_AFTER
+from outbox.ordering.keys import active_keys
 from tests.integration.test_delivery import make_order
 from tests.integration.test_lost_messages import Clock
 from tests.integration.test_ordering import events

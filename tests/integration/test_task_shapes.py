@@ -33,7 +33,7 @@ from celery.exceptions import CDeprecationWarning
 from sqlalchemy import Engine, delete, select
 
 from outbox import OutboxStatus, Relay, TaskOutbox, outbox_table
-from outbox.schema import keys_table
+from outbox.data.schema import keys_table
 from tests.conftest import RUN_ID
 from tests.services import BROKERS, started_worker, wait_for
 from tests.shapes.app import DEFAULT_QUEUE, OWN_QUEUE, ROUTED_QUEUE, effects_table, make_app

@@ -1,6 +1,6 @@
 """Committing writers notify only while a relay waits, and no committed row goes unnoticed.
 
-The relay's side of the protocol (``outbox.wakeups.WakeupGate``) is driven step by step
+The relay's side of the protocol (``outbox.postgres.wakeups.WakeupGate``) is driven step by step
 against real PostgreSQL transactions, so each interleaving of a writer's read of the
 relay's state, its commit, and the relay's announcement and checks happens in a known
 order. A hypothesis state machine then tries random interleavings of several writers and
@@ -41,15 +41,15 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from outbox import OutboxStatus, Relay, TaskOutbox
-from outbox.relay_loop import RelayLoop
-from outbox.schema import (
+from outbox.data.schema import (
     NOTIFY_CHANNEL,
     WAITING_SEQUENCE,
     create_tables,
     listeners_table,
     outbox_table,
 )
-from outbox.wakeups import WakeupGate, listening_connection
+from outbox.postgres.wakeups import WakeupGate, listening_connection
+from outbox.relays.loop import RelayLoop
 from tests.services import wait_for
 
 pytestmark = pytest.mark.postgresql

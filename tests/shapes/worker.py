@@ -7,7 +7,7 @@ from typing import Any
 
 from celery.signals import worker_init
 
-from outbox.lifecycle import LifecycleTracker
+from outbox.consumers.lifecycle import LifecycleTracker
 from tests.shapes.app import app_from_environment
 
 app = app_from_environment()

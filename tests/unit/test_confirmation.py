@@ -1,5 +1,5 @@
 """Dispatched tasks no idempotent consumer confirms are published again, by the rules of
-``outbox.confirmation``: from their last sign of life, a bounded number of times, in
+``outbox.maintenance.confirmation``: from their last sign of life, a bounded number of times, in
 bounded batches. (On the in-memory broker, which cannot say what it holds: time-outs.)"""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from outbox import (
     idempotent,
     outbox_table,
 )
-from outbox import confirmation as confirmation_module
-from outbox.brokers import BrokerState, OpaqueBrokerProbe
+from outbox.maintenance import confirmation as confirmation_module
+from outbox.transports import BrokerState, OpaqueBrokerProbe
 from tests.unit.conftest import FakeClock, drain_queue
 
 TIMEOUT = 60

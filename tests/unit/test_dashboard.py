@@ -27,9 +27,9 @@ from outbox.contrib.dashboard import (
     format_call,
 )
 from outbox.contrib.flask import Outbox
-from outbox.heartbeat import Heartbeat
-from outbox.serialization import to_wire
-from outbox.stores import store_for
+from outbox.data import store_for
+from outbox.enqueue.serialization import to_wire
+from outbox.maintenance.heartbeat import Heartbeat
 from webapp import create_app
 from webapp.extensions import db
 

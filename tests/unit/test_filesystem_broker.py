@@ -16,7 +16,7 @@ from kombu import Connection, Queue
 from kombu.transport import TRANSPORT_ALIASES
 
 from outbox import FILESYSTEM_TRANSPORT, FilesystemTransport
-from outbox.brokers.filesystem import STALE_AFTER
+from outbox.transports.filesystem import STALE_AFTER
 
 QUEUE = Queue("orders", routing_key="orders")
 
@@ -127,7 +127,7 @@ def test_a_file_that_never_decodes_is_set_aside_and_logged(
     os.utime(half, (old, old))
     queue = connection.SimpleQueue(QUEUE)
     with (
-        caplog.at_level(logging.ERROR, logger="outbox.brokers.filesystem"),
+        caplog.at_level(logging.ERROR, logger="outbox.transports.filesystem"),
         pytest.raises(queue.Empty),
     ):
         queue.get(timeout=0.05)

@@ -13,12 +13,12 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
 
 from outbox import create_tables
-from outbox.cdc_slot import SlotState
 from outbox.contrib.flask import Outbox
 from outbox.contrib.monitoring import CACHE_SECONDS_KEY, monitoring_blueprint
-from outbox.health import DEFAULT_CACHE_SECONDS, assess
-from outbox.heartbeat import RelayRun
-from outbox.stats import OutboxStats
+from outbox.maintenance.heartbeat import RelayRun
+from outbox.observability.health import DEFAULT_CACHE_SECONDS, assess
+from outbox.observability.stats import OutboxStats
+from outbox.postgres.slot import SlotState
 from tests.unit.conftest import FakeClock
 
 

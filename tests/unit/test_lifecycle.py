@@ -15,7 +15,7 @@ from sqlalchemy import Engine, create_engine, delete, event, select
 from sqlalchemy.orm import Session
 
 from outbox import OutboxMessage, OutboxSettings, Relay, TaskOutbox, create_tables, outbox_table
-from outbox.lifecycle import ROW_ID_HEADER, LifecycleTracker
+from outbox.consumers.lifecycle import ROW_ID_HEADER, LifecycleTracker
 from tests.services import wait_for
 from tests.unit.conftest import drain_queue, memory_app, running_worker
 
@@ -283,7 +283,7 @@ def test_a_run_that_ends_after_the_run_it_caused_does_not_overwrite_it(
 def test_an_unreachable_database_is_logged_and_never_fails_the_task(
     lifecycle_app: Celery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="outbox.lifecycle")
+    caplog.set_level(logging.WARNING, logger="outbox.consumers.lifecycle")
     nowhere = create_engine(f"sqlite:///{tmp_path / 'missing' / 'outbox.sqlite3'}")
     tracker = LifecycleTracker(nowhere).connect()
     try:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from outbox import InvalidOptionError, UnsupportedOptionError
-from outbox.options import resolve_options
+from outbox.enqueue.options import resolve_options
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 

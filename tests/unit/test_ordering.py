@@ -27,9 +27,9 @@ from outbox import (
     retry_dead,
     unblock,
 )
-from outbox.lifecycle import LifecycleTracker
-from outbox.ordering import MAX_KEY_LENGTH
-from outbox.retention import purge_idle_keys, purge_outbox
+from outbox.consumers.lifecycle import LifecycleTracker
+from outbox.maintenance.retention import purge_idle_keys, purge_outbox
+from outbox.ordering.keys import MAX_KEY_LENGTH
 from tests.ordering_support import FAIL, RETRY, Consumer, labels, place
 from tests.unit.conftest import FakeClock, count_rows, drain_queue
 

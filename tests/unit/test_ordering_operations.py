@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from outbox import OutboxStatus, outbox_table
 from outbox.clock import utcnow
-from outbox.handover import Place, finish
+from outbox.ordering.handover import Place, finish
 from outbox.testing import capture_tasks
 from tests.unit.test_dashboard import relay_ran
 from webapp.extensions import db, outbox

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from outbox.errors import PgoutputError
-from outbox.pgoutput import (
+from outbox.postgres.pgoutput import (
     PG_EPOCH,
     Begin,
     Column,

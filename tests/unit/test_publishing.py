@@ -11,11 +11,16 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from outbox.brokers import OpaqueBrokerProbe
-from outbox.publishing import ClaimedRow, MessageBuilder, RowFailedError, publisher_for
-from outbox.publishing.amqp import ConfirmingPublisher, _Confirms
-from outbox.publishing.kombu import KombuPublisher
-from outbox.serialization import to_wire
+from outbox.enqueue.serialization import to_wire
+from outbox.transports import (
+    ClaimedRow,
+    MessageBuilder,
+    OpaqueBrokerProbe,
+    RowFailedError,
+    publisher_for,
+)
+from outbox.transports.amqp import ConfirmingPublisher, _Confirms
+from outbox.transports.kombu import KombuPublisher
 from tests.unit.conftest import memory_app
 
 

@@ -17,8 +17,8 @@ from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
 from outbox import OutboxMessage, OutboxSettings, OutboxStatus, Relay, TaskOutbox
-from outbox.brokers import OpaqueBrokerProbe
-from outbox.relay import MAINTENANCE_INTERVAL
+from outbox.relays.batch import MAINTENANCE_INTERVAL
+from outbox.transports import OpaqueBrokerProbe
 from tests.unit.conftest import FakeClock, count_rows, drain_queue
 
 
@@ -235,7 +235,7 @@ def test_an_outage_is_logged_once_and_its_end_once(
     broker = SwitchableBroker(celery_app, monkeypatch)
     relay = Relay(engine, celery_app, clock=clock, probe=broker)
     broker.down = True
-    with caplog.at_level(logging.WARNING, logger="outbox.relay"):
+    with caplog.at_level(logging.WARNING, logger="outbox.relays.batch"):
         for _ in range(3):
             assert relay.run_once().broker_unavailable
         broker.down = False

@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from outbox import OutboxStatus, Relay, TaskOutbox
-from outbox.relay_loop import RelayLoop
+from outbox.relays.loop import RelayLoop
 from tests.unit.conftest import count_rows
 
 

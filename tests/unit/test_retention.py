@@ -20,9 +20,9 @@ from outbox import (
     outbox_table,
 )
 from outbox.contrib.celery import register_cleanup_task
-from outbox.heartbeat import Heartbeat, relays_seen
-from outbox.retention import purge_outbox, purge_processed
-from outbox.schema import keys_table
+from outbox.data.schema import keys_table
+from outbox.maintenance.heartbeat import Heartbeat, relays_seen
+from outbox.maintenance.retention import purge_outbox, purge_processed
 from outbox.settings import parse_duration
 from tests.unit.conftest import FakeClock, count_rows
 from webapp.extensions import db

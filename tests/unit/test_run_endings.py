@@ -25,10 +25,10 @@ from outbox import (
     idempotent,
     outbox_table,
 )
-from outbox.handover import FINAL_STATES
-from outbox.lifecycle import LifecycleTracker
-from outbox.run_outcomes import REPLACED, REQUEUED
-from outbox.schema import keys_table
+from outbox.consumers.lifecycle import LifecycleTracker
+from outbox.consumers.run_outcomes import REPLACED, REQUEUED
+from outbox.data.schema import keys_table
+from outbox.ordering.handover import FINAL_STATES
 from tests.services import wait_for
 from tests.shapes.app import effects_table, metadata
 from tests.unit.conftest import memory_app, running_worker

@@ -1,12 +1,12 @@
-"""Reading a search text (``outbox.search``); the searches themselves run on every
+"""Reading a search text (``outbox.admin.search``); the searches themselves run on every
 database in tests/integration/test_search.py."""
 
 from __future__ import annotations
 
 import pytest
 
+from outbox.admin.search import MAX_SEARCH_LENGTH, parse_search
 from outbox.errors import InvalidSearchError
-from outbox.search import MAX_SEARCH_LENGTH, parse_search
 
 
 def test_numeric_text_also_searches_for_the_number() -> None:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from kombu.utils.json import dumps as kombu_dumps
 
 from outbox import ArgumentNotSerializableError
-from outbox.serialization import encode, from_wire, to_wire
+from outbox.enqueue.serialization import encode, from_wire, to_wire
 
 #: Text PostgreSQL's JSONB can store: no NUL, no lone surrogates (both refused at enqueue).
 storable_text = st.text(

@@ -8,9 +8,9 @@ import pytest
 from flask import Flask
 
 from outbox.contrib.flask import Outbox
+from outbox.data import store_named
+from outbox.data.mysql import MySQLStore
 from outbox.errors import UnsupportedDatabaseError
-from outbox.stores import store_named
-from outbox.stores.mysql import MySQLStore
 from tests.unit.conftest import memory_app
 
 

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from outbox import OutboxSettings, OutboxStatus, Relay, TaskOutbox, create_tables, idempotent
 from outbox import outbox_table as _outbox
-from outbox.relay_loop import RelayLoop
+from outbox.relays.loop import RelayLoop
 from webapp.accidents.broker import FAULTS
 from webapp.extensions import db
 from webapp.models import Notification, Order, OrderStatus

@@ -1,0 +1,457 @@
+"""Publishing committed outbox rows to the broker.
+
+One batch is one database transaction: claim due pending rows (``FOR UPDATE SKIP LOCKED``
+on PostgreSQL, so concurrent relays take disjoint rows and never wait on each other),
+publish each with its stored task id (``outbox.transports``), mark the batch, commit. A
+relay that dies after publishing and before committing leaves the rows pending; they
+are published again under the same task ids, which is what lets consumers deduplicate.
+
+Rows are selected by status and due time, never by "ids above the last one seen": ids
+are assigned at INSERT but become visible at COMMIT, so a high-water mark would skip a
+row whose transaction committed after a later one.
+
+Between batches, at most every ``MAINTENANCE_INTERVAL`` seconds, a draining relay also
+records that it runs (``outbox.maintenance.heartbeat``), watches what it dispatched
+(``outbox.maintenance.confirmation``) and looks after the ordering keys (``outbox.ordering.keys``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Select, Text, and_, bindparam, case, cast, func, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from outbox.clock import Clock, utcnow
+from outbox.consumers.idempotency import confirms_processing
+from outbox.data import store_for
+from outbox.data.schema import OutboxStatus, outbox_table, relays_table
+from outbox.maintenance.confirmation import Confirmation, ConfirmationResult
+from outbox.maintenance.heartbeat import Heartbeat, RelayKind
+from outbox.maintenance.key_keeper import KeyKeeper
+from outbox.observability.metrics import DISPATCH_LAG, PUBLISH_FAILURES, PUBLISHED
+from outbox.ordering.keys import OnFailure
+from outbox.settings import OutboxSettings
+from outbox.transports import BrokerProbe, ClaimedRow, probe_for, publisher_for
+from outbox.transports.messages import Route, TaskMessage
+
+logger = logging.getLogger(__name__)
+
+_t = outbox_table.c
+_r = relays_table.c
+#: What the claim reads: the fields of ``ClaimedRow``, in their order, so each row builds
+#: one positionally. The JSON columns are read as text: the publisher parses them once,
+#: where the driver would parse them for nothing first.
+_JSON_FIELDS = {"args", "kwargs", "options"}
+_CLAIM_COLUMNS = tuple(
+    cast(_t[field.name], Text).label(field.name) if field.name in _JSON_FIELDS else _t[field.name]
+    for field in fields(ClaimedRow)
+)
+
+_now = bindparam("now", type_=_t.available_at.type)
+#: Rows a running CDC relay streams (``outbox.relays.cdc``): enqueued due at once, with
+#: no ordering key, never failed, and younger than ``cdc_grace`` by the database's clock
+#: (the hand-over rule, in that module's docstring). Polling leaves them.
+_STREAMED = and_(
+    _t.ordering_key.is_(None),
+    _t.attempts == 0,
+    _t.available_at <= _t.created_at,
+    _t.created_at > bindparam("streamed_after", type_=_t.created_at.type),
+)
+#: Whether a row is due: the first entry of the pending rows' index.
+_DUE = select(_t.id).where(_t.status == OutboxStatus.PENDING, _t.available_at <= _now).limit(1)
+_DUE_UNSTREAMED = _DUE.where(~_STREAMED)
+#: The database's clock, which times the hand-over between a CDC relay and polling.
+_DATABASE_NOW = select(func.statement_timestamp())
+#: Whether a CDC relay has streamed lately (its heartbeat, written with the database's time).
+_CDC_LIVE = select(_r.name).where(
+    _r.kind == str(RelayKind.CDC), _r.last_seen_at > bindparam("since", type_=_r.last_seen_at.type)
+)
+#: How often a relay asks whether a CDC relay streams, in seconds.
+CDC_CHECK_INTERVAL = 1.0
+#: A batch's delivered rows marked dispatched, with where they went (one statement per
+#: route in the batch). Only tasks whose consumer records what it processed
+#: (``watched``) get a deadline for its confirmation.
+_MARK = (
+    update(outbox_table)
+    .where(_t.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        status=OutboxStatus.DISPATCHED,
+        dispatched_at=_now,
+        deliveries=_t.deliveries + 1,
+        published_queue=bindparam("queue", type_=_t.published_queue.type),
+        published_exchange=bindparam("exchange", type_=_t.published_exchange.type),
+        published_routing_key=bindparam("routing_key", type_=_t.published_routing_key.type),
+        confirm_deadline=case(
+            (
+                _t.id.in_(bindparam("watched", expanding=True)),
+                bindparam("deadline", type_=_t.confirm_deadline.type),
+            ),
+            else_=None,
+        ),
+    )
+)
+
+#: Rows the CDC relay published (``outbox.relays.cdc``), marked as a batch's are, but only
+#: while still pending: a polling relay may have taken one meanwhile.
+_MARK_STREAMED = _MARK.where(_t.status == OutboxStatus.PENDING)
+
+#: Longest wait between two maintenance passes (heartbeat, confirmation) of a draining
+#: relay, in seconds of its clock. A relay woken by every commit drains hundreds of
+#: times a second: maintaining on each would cost more than the batches themselves.
+MAINTENANCE_INTERVAL = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What one relay batch did."""
+
+    claimed: int = 0
+    published: int = 0
+    #: Rows whose publish failed on their own; they were rescheduled or marked dead.
+    failed: int = 0
+    #: Of ``failed``, the rows that reached ``max_attempts`` and are now dead.
+    dead: int = 0
+    #: The broker could not be reached; unpublished rows stay pending, uncounted.
+    broker_unavailable: bool = False
+    #: Queues found deleted from the broker: declared again by the next batch, which the
+    #: rows that found them out join, uncharged.
+    vanished_queues: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DrainResult:
+    """What a drain (several batches, and maybe a maintenance pass) did."""
+
+    batches: int
+    published: int
+    failed: int
+    dead: int
+    broker_unavailable: bool
+    #: Rows the confirmation checks put back to pending to be published again.
+    redelivered: int = 0
+    #: The maintenance pass of this drain, if one was due.
+    confirmation: ConfirmationResult | None = None
+
+
+class Relay:
+    """Moves due pending rows from the outbox table to the broker.
+
+    It keeps nothing about rows between calls (only when the current broker outage began,
+    to log it once, what the confirmation checks saw last, and a count of committed
+    batches): the beat sweep, a long-running relay process and a test can all hold one,
+    and several can run at once against the same table.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        celery_app: Celery,
+        settings: OutboxSettings | None = None,
+        *,
+        clock: Clock = utcnow,
+        kind: RelayKind = RelayKind.RELAY,
+        probe: BrokerProbe | None = None,
+        after_publish: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store_for(engine)
+        engine = self.engine = self.store.outbox_engine(engine)
+        self.celery_app = celery_app
+        self.settings = settings or OutboxSettings()
+        self.probe = probe or probe_for(celery_app, clock=clock)
+        self.publisher = publisher_for(celery_app, self.probe, self.settings)
+        self.confirmation = Confirmation(
+            engine, celery_app, self.settings, store=self.store, probe=self.probe, clock=clock
+        )
+        self.heartbeat = Heartbeat(engine, self.store, kind)
+        self.key_keeper = KeyKeeper(
+            engine,
+            celery_app,
+            OnFailure(self.settings.ordering_on_failure),
+            clock=clock,
+            max_deliveries=self.settings.max_deliveries,
+        )
+        self._clock = clock
+        #: Called after each message reaches the broker and before its row is marked:
+        #: the window a crash test aims at.
+        self._after_publish = after_publish
+        # When the current broker outage began (monotonic), so it is logged once, not per
+        # row or per sweep.
+        self._outage_started: float | None = None
+        #: Batches this relay has committed, so a caller can tell a drain that failed
+        #: half-way after progress from one that got nothing done.
+        self.committed_batches = 0
+        self._next_maintenance: datetime | None = None
+        self._server_checked = False
+        #: Whether a batch's connection is kept for the next batch instead of going back
+        #: to the pool. A relay loop keeps it: taking one from the pool costs a checkout
+        #: and, with ``pool_pre_ping``, a round trip, on the path from a commit to its
+        #: publish. A connection that failed is never kept.
+        self.keep_connection = False
+        self._kept_connection: Connection | None = None
+        self._claim_statement = (
+            select(*_CLAIM_COLUMNS)
+            .where(_t.status == OutboxStatus.PENDING, _t.available_at <= _now)
+            # The same order as the pending rows' index: the scan stops after a batch.
+            .order_by(_t.available_at, _t.id)
+            .limit(self.settings.batch_size)
+            .with_for_update(skip_locked=True, of=outbox_table)
+        )
+        self._claim_unstreamed = self._claim_statement.where(~_STREAMED)
+        #: Whether a CDC relay streamed at the last check (``CDC_CHECK_INTERVAL``).
+        self._cdc_live = False
+        self._cdc_checked: float | None = None
+        #: The database's clock less this relay's, at the last check.
+        self._database_ahead = timedelta(0)
+
+    def now(self) -> datetime:
+        """The relay's clock (a test may have given it its own)."""
+        return self._clock()
+
+    def close(self) -> None:
+        """Close the broker connection the publisher keeps (RabbitMQ's confirm channel)
+        and return a kept database connection to the pool; the next batch would open
+        new ones."""
+        self.release_connection()
+        self.publisher.close()
+
+    def release_connection(self) -> None:
+        """Return the kept database connection (``keep_connection``) to the pool."""
+        kept, self._kept_connection = self._kept_connection, None
+        if kept is not None:
+            kept.close()
+
+    def __enter__(self) -> Relay:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def run_once(self) -> BatchResult:
+        """Claim, publish and mark at most one batch of due rows, in one transaction."""
+        kept, self._kept_connection = self._kept_connection, None
+        conn = kept or self.store.relay_connection(self.engine)
+        try:
+            with conn.begin():
+                if not self._server_checked:
+                    self.store.check_server(conn)
+                    self._server_checked = True
+                rows = self._claim(conn)
+                if not rows:
+                    outcome = None
+                else:
+                    outcome = self.publisher.publish(rows)
+                    self.note_broker(outcome.broker_error)
+                    now = self._clock()
+                    self.mark_dispatched(conn, outcome.delivered, now)
+                    dead = sum(
+                        self.record_failure(conn, row, error, now) for row, error in outcome.failed
+                    )
+        except BaseException:
+            # Whatever went wrong, the next batch starts on a connection the pool hands
+            # out (and pings), not on one that may be broken.
+            conn.close()
+            raise
+        if self.keep_connection:
+            self._kept_connection = conn
+        else:
+            conn.close()
+        if outcome is None:
+            return BatchResult()
+        self.committed_batches += 1
+        if outcome.vanished_queues:
+            self.confirmation.queues_deleted(outcome.vanished_queues, now)
+        return BatchResult(
+            claimed=len(rows),
+            published=len(outcome.delivered),
+            failed=len(outcome.failed),
+            dead=dead,
+            broker_unavailable=outcome.broker_error is not None,
+            vanished_queues=len(outcome.vanished_queues),
+        )
+
+    def drain(
+        self,
+        max_seconds: float | None = None,
+        *,
+        stop: Callable[[], bool] | None = None,
+        maintain: bool = True,
+    ) -> DrainResult:
+        """Run batches until no due row is left, the broker is down, time is up, or
+        ``stop()`` says so (checked between batches).
+
+        First, if one is due, a maintenance pass (:meth:`maintain`); ``maintain=False``
+        leaves it to the caller (the relay loop runs it in a thread of its own, off the
+        path from a commit to its publish).
+        """
+        deadline = time.monotonic() + (max_seconds or self.settings.sweep_max_seconds)
+        maintained = self._maybe_maintain() if maintain else None
+        batches = published = failed = dead = 0
+        while True:
+            result = self.run_once()
+            batches += 1
+            published += result.published
+            failed += result.failed
+            dead += result.dead
+            if (
+                result.broker_unavailable
+                or (result.claimed < self.settings.batch_size and not result.vanished_queues)
+                or time.monotonic() >= deadline
+                or (stop is not None and stop())
+            ):
+                return DrainResult(
+                    batches,
+                    published,
+                    failed,
+                    dead,
+                    result.broker_unavailable,
+                    redelivered=maintained.republished if maintained else 0,
+                    confirmation=maintained,
+                )
+
+    def maintain(self) -> ConfirmationResult:
+        """Record that this relay runs, run the confirmation checks once, then look after
+        the ordering keys (``outbox.maintenance.key_keeper.KeyKeeper``)."""
+        self.heartbeat.beat(self._clock())
+        result = self.confirmation.run_once()
+        self.key_keeper.run_once()
+        return result
+
+    def _maybe_maintain(self) -> ConfirmationResult | None:
+        now = self._clock()
+        if self._next_maintenance is not None and now < self._next_maintenance:
+            return None
+        self._next_maintenance = now + timedelta(seconds=MAINTENANCE_INTERVAL)
+        return self.maintain()
+
+    def _claim(self, conn: Connection) -> list[ClaimedRow]:
+        self.store.lock_for_claim(conn)
+        now = self._clock()
+        streamed_after = self.streamed_after(conn, now)
+        if streamed_after is None:
+            rows = conn.execute(self._claim_statement, {"now": now})
+        else:
+            rows = conn.execute(
+                self._claim_unstreamed, {"now": now, "streamed_after": streamed_after}
+            )
+        return [ClaimedRow(*row) for row in rows]
+
+    def streamed_after(self, conn: Connection, now: datetime) -> datetime | None:
+        """While a CDC relay streams: the creation time after which a row it streams is
+        left to it (``OutboxSettings.cdc_grace`` before the database's clock, told by this
+        relay's); ``None`` when none streams."""
+        if not self.store.streams_changes:
+            return None
+        grace = timedelta(seconds=self.settings.cdc_grace)
+        checked = self._cdc_checked
+        if checked is None or time.monotonic() - checked >= CDC_CHECK_INTERVAL:
+            database_now = conn.execute(_DATABASE_NOW).scalar_one()
+            self._database_ahead = database_now - now
+            since = database_now - grace
+            self._cdc_live = conn.execute(_CDC_LIVE, {"since": since}).first() is not None
+            self._cdc_checked = time.monotonic()
+        return now + self._database_ahead - grace if self._cdc_live else None
+
+    def has_due_rows(self, conn: Connection) -> bool:
+        """Whether a row is due: the first entry of the pending rows' index, read without
+        a lock (what a relay loop asks where the database cannot notify it). Rows a
+        running CDC relay streams do not count."""
+        now = self._clock()
+        streamed_after = self.streamed_after(conn, now)
+        if streamed_after is None:
+            return conn.execute(_DUE, {"now": now}).first() is not None
+        found = conn.execute(_DUE_UNSTREAMED, {"now": now, "streamed_after": streamed_after})
+        return found.first() is not None
+
+    def claim_query(self) -> Select[Any]:
+        """The statement that claims one batch, due now (public so its plan can be
+        checked; a batch runs the same statement, built once)."""
+        return self._claim_statement.params(now=self._clock())
+
+    def mark_dispatched(
+        self,
+        conn: Connection,
+        delivered: list[tuple[ClaimedRow, TaskMessage]],
+        now: datetime,
+        *,
+        streamed: bool = False,
+    ) -> None:
+        """Mark ``delivered`` rows dispatched; ``streamed`` rows (the CDC relay's, which
+        holds no lock on them) only if they are still pending."""
+        if not delivered:
+            return
+        routes: dict[Route, tuple[list[int], list[int]]] = {}
+        for row, message in delivered:
+            PUBLISHED.labels(task=row.task_name).inc()
+            DISPATCH_LAG.observe(max(0.0, (now - row.available_at).total_seconds()))
+            ids, watched = routes.setdefault(message.route, ([], []))
+            ids.append(row.id)
+            if confirms_processing(message.task):
+                watched.append(row.id)
+            if self._after_publish is not None:
+                self._after_publish()
+        deadline = now + timedelta(seconds=self.settings.confirm_timeout)
+        for route, (ids, watched) in routes.items():
+            conn.execute(
+                _MARK_STREAMED if streamed else _MARK,
+                {
+                    "ids": ids,
+                    "watched": watched,
+                    "now": now,
+                    "deadline": deadline,
+                    "queue": route.queue,
+                    "exchange": route.exchange,
+                    "routing_key": route.routing_key,
+                },
+            )
+
+    def note_broker(self, error: BaseException | None) -> None:
+        """Log a broker outage once when it starts and once when it ends."""
+        if error is not None:
+            PUBLISH_FAILURES.labels(reason="broker").inc()
+            reason = f"{type(error).__name__}: {error}"
+            if self._outage_started is None:
+                self._outage_started = time.monotonic()
+                logger.warning(
+                    "broker unavailable, rows stay pending and are retried on the next run: %s",
+                    reason,
+                )
+            else:
+                logger.debug("broker still unavailable: %s", reason)
+        elif self._outage_started is not None:
+            logger.warning(
+                "broker reachable again after %.1fs", time.monotonic() - self._outage_started
+            )
+            self._outage_started = None
+
+    def record_failure(self, conn: Connection, row: ClaimedRow, error: str, now: datetime) -> bool:
+        """Reschedule a row whose publish failed on its own; return whether it is now dead."""
+        PUBLISH_FAILURES.labels(reason="row").inc()
+        attempts = row.attempts + 1
+        is_dead = attempts >= self.settings.max_attempts
+        conn.execute(
+            update(outbox_table)
+            .where(_t.id == row.id)
+            .values(
+                attempts=attempts,
+                last_error=error,
+                available_at=now + timedelta(seconds=self._backoff(attempts)),
+                status=OutboxStatus.DEAD if is_dead else OutboxStatus.PENDING,
+            )
+        )
+        return is_dead
+
+    def _backoff(self, attempts: int) -> float:
+        """Exponential backoff with jitter (half to all of the step), so rows that failed
+        together spread out."""
+        ceiling = min(
+            self.settings.retry_backoff_max, self.settings.retry_backoff * 2 ** (attempts - 1)
+        )
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
