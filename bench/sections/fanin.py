@@ -216,7 +216,7 @@ PHASES = (
     ("other", ""),
 )
 #: The relay loop's own frame, whatever the path py-spy prints for its file.
-_LOOP_FUNCTION, _LOOP_FILE = "_loop", "relay_loop.py"
+_LOOP_FUNCTION, _LOOP_FILE = "_loop", "relays/loop.py"
 
 
 @contextmanager

@@ -58,10 +58,10 @@ PARTS = (CLAIM, PUBLISH, MARK, COMMIT, OTHER, REST, TOTAL)
 #: Functions on the publish path worth seeing even when they are not in the top lists:
 #: (file name ending, function name).
 OF_INTEREST = (
-    ("outbox/publishing/kombu.py", "publish"),
-    ("outbox/publishing/kombu.py", "_hand_over"),
-    ("outbox/publishing/messages.py", "build"),
-    ("outbox/serialization.py", "from_wire"),
+    ("outbox/transports/kombu.py", "publish"),
+    ("outbox/transports/kombu.py", "_hand_over"),
+    ("outbox/transports/messages.py", "build"),
+    ("outbox/enqueue/serialization.py", "from_wire"),
     ("celery/app/routes.py", "route"),
     ("celery/app/amqp.py", "as_task_v2"),
     ("celery/utils/saferepr.py", "saferepr"),
@@ -77,7 +77,7 @@ OF_INTEREST = (
     ("kombu/transport/redis.py", "_put_fanout"),
     ("redis/client.py", "execute"),
     ("prometheus_client/metrics.py", "labels"),
-    ("outbox/idempotency.py", "confirms_processing"),
+    ("outbox/consumers/idempotency.py", "confirms_processing"),
     ("sqlalchemy/engine/base.py", "execute"),
 )
 TOP = 20
