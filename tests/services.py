@@ -367,6 +367,7 @@ OUTBOX_TABLES = [
     "celery_outbox_relays",
     "celery_outbox_brokers",
     "celery_outbox_keys",
+    "celery_outbox_leases",
 ]
 
 

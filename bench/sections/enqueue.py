@@ -35,7 +35,7 @@ from outbox.data.schema import keys_table
 from outbox.data.session_rows import add_row
 from outbox.enqueue.options import resolve_options
 from outbox.enqueue.serialization import encode
-from outbox.observability.tracing import current_trace_headers
+from outbox.tracing import current_trace_headers
 
 SECTION = "enqueue"
 #: Calls per round of a part, and rounds (the best round counts).

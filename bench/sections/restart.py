@@ -52,7 +52,7 @@ from bench.context import Context, rotated
 from bench.data import add_pending, empty_queue, empty_tables, queue_length
 from bench.results import Figure
 from outbox import Relay
-from outbox.relays.batch import MAINTENANCE_INTERVAL
+from outbox.maintenance.scheduler import MAINTENANCE_INTERVAL
 
 SECTION = "restart"
 TASK = "orders.reserve_stock"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -235,6 +236,11 @@ class Store(ABC):
     def relaxed_durability(self, statement: Update) -> Update:
         """``statement`` for bookkeeping whose loss in a database crash is acceptable."""
         return statement
+
+    def database_now(self, conn: Connection) -> datetime:
+        """The database server's time (UTC, aware): one clock for relays on machines
+        whose own clocks disagree. An embedded database shares the process's clock."""
+        return datetime.now(UTC)
 
 
 def _returning_update(change: RowUpdate) -> Update:

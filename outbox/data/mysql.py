@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -207,6 +208,11 @@ class MySQLStore(Store):
         derived = rows.subquery("own_rows")
         [column] = derived.c
         return key == column
+
+    def database_now(self, conn: Connection) -> datetime:
+        # UTC_TIMESTAMP, not NOW(): the session's time zone does not enter into it.
+        now = conn.execute(select(func.utc_timestamp(6))).scalar_one()
+        return now.replace(tzinfo=UTC)  # type: ignore[no-any-return]
 
     def wake_relays(self, conn: Executor) -> None:
         # Nothing can wake a listener: the relays find the row at their next poll.

@@ -193,6 +193,11 @@ class PostgresStore(Store):
             )
         conn.execute(statement, {"rows": json.dumps(list(rows), default=_json_scalar)})
 
+    def database_now(self, conn: Connection) -> datetime:
+        # The statement's time, not the transaction's (now()): a long transaction reads
+        # the time it asks.
+        return conn.execute(select(func.statement_timestamp())).scalar_one()  # type: ignore[no-any-return]
+
     def wake_relays(self, conn: Executor) -> None:
         # Delivered when the transaction commits, dropped if it rolls back, and sent only
         # while a relay waits, like the INSERT trigger's.

@@ -398,11 +398,31 @@ class OrderingKey(Base):
     )
 
 
+class MaintenanceLease(Base):
+    """Which relay runs the outbox-wide maintenance passes, until when
+    (``outbox.maintenance.lease``).
+
+    One row per lease (``maintenance:<broker>``). ``expires_at`` is on the database's
+    clock: a relay takes the lease when it is its own or has expired, and renews it at
+    each pass.
+    """
+
+    __tablename__ = "celery_outbox_leases"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: ``host:pid:random`` of the relay that holds it.
+    holder: Mapped[str] = mapped_column(String(255), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    #: When the holder last renewed it (the database's clock).
+    renewed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
 relays_table = cast(Table, RelayHeartbeat.__table__)
 workers_table = cast(Table, WorkerHeartbeat.__table__)
 listeners_table = cast(Table, RelayListener.__table__)
 keys_table = cast(Table, OrderingKey.__table__)
 brokers_table = cast(Table, BrokerIdentity.__table__)
+leases_table = cast(Table, MaintenanceLease.__table__)
 
 
 # Readable by every role: a writer's INSERT evaluates the condition with its own rights,

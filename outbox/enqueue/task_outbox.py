@@ -30,9 +30,9 @@ from outbox.errors import (
     TaskNotRegisteredError,
     UnsupportedOptionError,
 )
-from outbox.observability.tracing import current_trace_headers
 from outbox.ordering.keys import check_key
 from outbox.settings import OutboxSettings
+from outbox.tracing import current_trace_headers
 
 #: What a task can be enqueued into: the caller's ORM session or Core connection.
 SessionLike: TypeAlias = Session | scoped_session[Session] | Connection
@@ -141,7 +141,7 @@ class TaskOutbox:
         publish = resolved.publish
         caller_headers = publish.get("headers", {})
         if "traceparent" not in caller_headers and (trace_headers := current_trace_headers()):
-            # The caller's trace continues in the worker (outbox.observability.tracing). A
+            # The caller's trace continues in the worker (outbox.tracing). A
             # caller that set its own traceparent keeps it, and no tracestate of another
             # trace.
             publish = {**publish, "headers": {**trace_headers, **caller_headers}}

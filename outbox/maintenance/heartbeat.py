@@ -16,6 +16,7 @@ from enum import StrEnum
 from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection, Engine
 
+from outbox.clock import Clock, utcnow
 from outbox.data import Store
 from outbox.data.schema import relays_table
 
@@ -47,12 +48,23 @@ class Heartbeat:
     """Writes one relay's ``last_seen_at``; ``beat`` is called by the relay's drains."""
 
     def __init__(
-        self, engine: Engine, store: Store, kind: RelayKind, *, hostname: str | None = None
+        self,
+        engine: Engine,
+        store: Store,
+        kind: RelayKind,
+        *,
+        hostname: str | None = None,
+        clock: Clock = utcnow,
     ) -> None:
         self.engine = engine
         self.store = store
         self.kind = kind
         self.name = f"{kind}@{hostname or socket.gethostname()}"[:255]
+        self._clock = clock
+
+    def run_once(self) -> None:
+        """The relay's own maintenance pass: it runs, now."""
+        self.beat(self._clock())
 
     def beat(self, now: datetime) -> None:
         statement = self.store.upsert(

@@ -11,8 +11,10 @@ are assigned at INSERT but become visible at COMMIT, so a high-water mark would 
 row whose transaction committed after a later one.
 
 Between batches, at most every ``MAINTENANCE_INTERVAL`` seconds, a draining relay also
-records that it runs (``outbox.maintenance.heartbeat``), watches what it dispatched
-(``outbox.maintenance.confirmation``) and looks after the ordering keys (``outbox.ordering.keys``).
+records that it runs (``outbox.maintenance.heartbeat``) and, if it holds its broker's
+maintenance lease (one relay at a time does), watches what was dispatched
+(``outbox.maintenance.confirmation``) and looks after the ordering keys
+(``outbox.maintenance.key_keeper``): ``outbox.maintenance.scheduler``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
@@ -36,6 +39,8 @@ from outbox.data.schema import OutboxStatus, outbox_table, relays_table
 from outbox.maintenance.confirmation import Confirmation, ConfirmationResult
 from outbox.maintenance.heartbeat import Heartbeat, RelayKind
 from outbox.maintenance.key_keeper import KeyKeeper
+from outbox.maintenance.lease import Lease
+from outbox.maintenance.scheduler import MaintenanceScheduler
 from outbox.observability.metrics import DISPATCH_LAG, PUBLISH_FAILURES, PUBLISHED
 from outbox.ordering.keys import OnFailure
 from outbox.settings import OutboxSettings
@@ -103,11 +108,6 @@ _MARK = (
 #: while still pending: a polling relay may have taken one meanwhile.
 _MARK_STREAMED = _MARK.where(_t.status == OutboxStatus.PENDING)
 
-#: Longest wait between two maintenance passes (heartbeat, confirmation) of a draining
-#: relay, in seconds of its clock. A relay woken by every commit drains hundreds of
-#: times a second: maintaining on each would cost more than the batches themselves.
-MAINTENANCE_INTERVAL = 5.0
-
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
@@ -170,13 +170,21 @@ class Relay:
         self.confirmation = Confirmation(
             engine, celery_app, self.settings, store=self.store, probe=self.probe, clock=clock
         )
-        self.heartbeat = Heartbeat(engine, self.store, kind)
+        self.heartbeat = Heartbeat(engine, self.store, kind, clock=clock)
         self.key_keeper = KeyKeeper(
             engine,
             celery_app,
             OnFailure(self.settings.ordering_on_failure),
             clock=clock,
             max_deliveries=self.settings.max_deliveries,
+        )
+        #: Its heartbeat every pass; confirmation and the key keeper while this relay
+        #: holds the lease of its broker's relays.
+        self.maintenance = MaintenanceScheduler(
+            own={"heartbeat": self.heartbeat},
+            elected={"confirmation": self.confirmation, "key_keeper": self.key_keeper},
+            lease=Lease(engine, f"maintenance:{self.probe.name}", store=self.store),
+            clock=clock,
         )
         self._clock = clock
         #: Called after each message reaches the broker and before its row is marked:
@@ -188,7 +196,6 @@ class Relay:
         #: Batches this relay has committed, so a caller can tell a drain that failed
         #: half-way after progress from one that got nothing done.
         self.committed_batches = 0
-        self._next_maintenance: datetime | None = None
         self._server_checked = False
         #: Whether a batch's connection is kept for the next batch instead of going back
         #: to the pool. A relay loop keeps it: taking one from the pool costs a checkout
@@ -221,6 +228,7 @@ class Relay:
         new ones."""
         self.release_connection()
         self.publisher.close()
+        self.maintenance.stop()
 
     def release_connection(self) -> None:
         """Return the kept database connection (``keep_connection``) to the pool."""
@@ -292,7 +300,7 @@ class Relay:
         path from a commit to its publish).
         """
         deadline = time.monotonic() + (max_seconds or self.settings.sweep_max_seconds)
-        maintained = self._maybe_maintain() if maintain else None
+        maintained = self.maintain_if_due() if maintain else None
         batches = published = failed = dead = 0
         while True:
             result = self.run_once()
@@ -317,19 +325,17 @@ class Relay:
                 )
 
     def maintain(self) -> ConfirmationResult:
-        """Record that this relay runs, run the confirmation checks once, then look after
-        the ordering keys (``outbox.maintenance.key_keeper.KeyKeeper``)."""
-        self.heartbeat.beat(self._clock())
-        result = self.confirmation.run_once()
-        self.key_keeper.run_once()
-        return result
+        """Run every maintenance pass now, whichever relay holds the lease: record that
+        this relay runs, run the confirmation checks once, then look after the ordering
+        keys (``outbox.maintenance.key_keeper.KeyKeeper``)."""
+        return typing.cast(ConfirmationResult, self.maintenance.run_now()["confirmation"])
 
-    def _maybe_maintain(self) -> ConfirmationResult | None:
-        now = self._clock()
-        if self._next_maintenance is not None and now < self._next_maintenance:
-            return None
-        self._next_maintenance = now + timedelta(seconds=MAINTENANCE_INTERVAL)
-        return self.maintain()
+    def maintain_if_due(self) -> ConfirmationResult | None:
+        """The scheduled pass, at most every ``MAINTENANCE_INTERVAL``: the heartbeat, and
+        the outbox-wide passes if this relay holds the lease (their confirmation result;
+        ``None`` when they did not run here)."""
+        results = self.maintenance.run_if_due()
+        return None if results is None else typing.cast(ConfirmationResult, results["confirmation"])
 
     def _claim(self, conn: Connection) -> list[ClaimedRow]:
         self.store.lock_for_claim(conn)

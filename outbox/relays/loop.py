@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from outbox.data.schema import listeners_table
+from outbox.maintenance.scheduler import MAINTENANCE_INTERVAL
 from outbox.postgres.wakeups import (
     BUSY_RATE,
     CALM_RATE,
@@ -34,7 +35,7 @@ from outbox.postgres.wakeups import (
     WakeupGate,
     listening_connection,
 )
-from outbox.relays.batch import MAINTENANCE_INTERVAL, DrainResult, Relay
+from outbox.relays.batch import DrainResult, Relay
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +84,13 @@ class RelayLoop:
         return self.relay.drain(stop=self._stopping.is_set, maintain=maintain)
 
     def _maintain_forever(self) -> None:
-        """The relay's maintenance (heartbeat, confirmation checks), now and then every
-        ``MAINTENANCE_INTERVAL``, in this thread: a pass reads the database and the
-        broker for a few milliseconds, which a commit waiting to be published should not
-        wait for."""
+        """The relay's maintenance (its heartbeat; confirmation checks and the key keeper
+        while it holds the lease), now and then every ``MAINTENANCE_INTERVAL``, in this
+        thread: a pass reads the database and the broker for a few milliseconds, which a
+        commit waiting to be published should not wait for."""
         while not self.stopping:
             try:
-                self.relay.maintain()
+                self.relay.maintain_if_due()
             except Exception as e:  # the database or broker is away: the drains say so too
                 logger.warning(
                     "relay maintenance failed, trying again in %gs: %s", MAINTENANCE_INTERVAL, e
@@ -119,6 +120,8 @@ class RelayLoop:
             self.relay.release_connection()
             self._stopping.set()
             maintenance.join(timeout=30)
+            # Stopped on purpose: another relay takes the maintenance over at once.
+            self.relay.maintenance.stop()
 
     def _loop(
         self,

@@ -71,8 +71,8 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from outbox.clock import Clock
 from outbox.errors import OutboxError
-from outbox.observability.tracing import publishing_context
 from outbox.settings import OutboxSettings
+from outbox.tracing import publishing_context
 from outbox.transports.family import TransportFamily
 from outbox.transports.kombu import KombuPublisher
 from outbox.transports.messages import (

@@ -18,8 +18,8 @@ from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]  # 
 from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from outbox.clock import Clock
-from outbox.observability.tracing import publishing_context
 from outbox.settings import OutboxSettings
+from outbox.tracing import publishing_context
 from outbox.transports.family import TransportFamily
 from outbox.transports.messages import (
     RowFailedError,

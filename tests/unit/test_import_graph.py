@@ -102,3 +102,64 @@ def test_no_module_of_the_library_imports_itself_through_others() -> None:
 def test_the_check_finds_a_circle() -> None:
     """A lazy import back to an importer is a circle to the check."""
     assert [["a", "b"]] == circles({"a": {"b"}, "b": {"a"}, "c": {"a"}})
+
+
+#: The wings, each importing only those before it: the core first (the top-level
+#: modules), the integrations, then what sits on everything (the package's own
+#: re-exports, ``python -m outbox``, the helpers for users' tests) last.
+WINGS = [
+    "core",
+    "data",
+    "ordering",
+    "consumers",
+    "enqueue",
+    "transports",
+    "maintenance",
+    "postgres",
+    "observability",
+    "relays",
+    "admin",
+    "contrib",
+    "top",
+]
+#: Top-level modules that sit above every wing.
+TOP = {"outbox", "outbox.__main__", "outbox.testing"}
+
+
+def wing_of(module: str) -> str:
+    """``outbox.relays.loop`` is in ``relays``; ``outbox.settings`` (a top-level module)
+    in ``core``."""
+    if module in TOP:
+        return "top"
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and parts[1] in WINGS):
+        return parts[1]
+    return "core"
+
+
+def test_each_wing_imports_only_the_wings_below_it() -> None:
+    """The layout's order holds: the core below all, data below the rest, the
+    integrations above them."""
+    modules = module_names()
+    upward = sorted(
+        f"{name} imports {target}"
+        for name, path in modules.items()
+        for target in imports_of(name, path, modules)
+        if WINGS.index(wing_of(target)) > WINGS.index(wing_of(name))
+    )
+    assert [] == upward
+
+
+def test_every_package_of_the_library_is_a_wing() -> None:
+    packages = {
+        name.split(".")[1]
+        for name, path in module_names().items()
+        if path.name == "__init__.py" and name.count(".") == 1
+    }
+    assert set() == packages - set(WINGS) - {"migrations"}
+
+
+def test_modules_are_placed_in_their_wings() -> None:
+    assert WINGS.index(wing_of("outbox.relays.batch")) > WINGS.index(wing_of("outbox.data"))
+    assert "core" == wing_of("outbox.settings")
+    assert "top" == wing_of("outbox.testing")

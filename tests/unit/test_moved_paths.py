@@ -10,7 +10,6 @@ import pytest
 #: (old module, new module, a name users import from it).
 MOVED = [
     ("outbox.schema", "outbox.data.schema", "UTCDateTime"),
-    ("outbox.tracing", "outbox.observability.tracing", "trace_tasks"),
     ("outbox.relay_loop", "outbox.relays.loop", "RelayLoop"),
     ("outbox.lifecycle", "outbox.consumers.lifecycle", "LifecycleTracker"),
 ]

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
 from outbox import OutboxMessage, OutboxSettings, OutboxStatus, Relay, TaskOutbox
-from outbox.relays.batch import MAINTENANCE_INTERVAL
+from outbox.maintenance.scheduler import MAINTENANCE_INTERVAL
 from outbox.transports import OpaqueBrokerProbe
 from tests.unit.conftest import FakeClock, count_rows, drain_queue
 

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from outbox import OutboxMessage, Relay, TaskOutbox, create_tables
-from outbox.observability.tracing import current_trace_headers, trace_tasks
+from outbox.tracing import current_trace_headers, trace_tasks
 from tests.services import wait_for
 from tests.unit.conftest import memory_app, running_worker
 
