@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,8 +21,6 @@ from typing import Any
 
 import click
 from celery import Celery
-from celery.result import _set_task_join_will_block  # type: ignore[attr-defined]
-from prometheus_client import start_http_server
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
@@ -39,13 +35,13 @@ from outbox.errors import OutboxError
 from outbox.maintenance.heartbeat import RelayKind
 from outbox.maintenance.retention import purge_outbox, purge_processed
 from outbox.observability.health import DEFAULT_MAX_LAG, assess
-from outbox.observability.metrics import register_outbox_collector
 from outbox.observability.stats import collect_stats
 from outbox.ordering.keys import UnblockAction, active_keys, unblock
 from outbox.postgres.slot import DEFAULT_PUBLICATION, DEFAULT_SLOT, CdcSlot
-from outbox.relays.batch import DrainResult, Relay
+from outbox.relays.batch import Relay
 from outbox.relays.cdc import CdcRelay
-from outbox.relays.loop import DEFAULT_POLL_INTERVAL, RelayLoop
+from outbox.relays.loop import DEFAULT_POLL_INTERVAL
+from outbox.relays.runner import RelayProcess
 from outbox.settings import OutboxSettings, parse_duration
 from outbox.transports import BrokerProbe, probe_for
 
@@ -120,116 +116,22 @@ def relay_command(
     cdc: bool,
 ) -> None:
     """Publish committed tasks as they commit (LISTEN/NOTIFY on PostgreSQL), until SIGTERM."""
-    if not logging.getLogger().handlers:
-        # A process of its own: show what it does (a host app may configure logging first).
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-    relay = ops.new_relay(RelayKind.RELAY)
-    # Like a worker, this process never waits for task results: without this, Celery
-    # subscribes it to every published task's result channel (Redis result backend)
-    # and the subscriptions only ever grow.
-    _set_task_join_will_block(True)
-
-    def on_drain(result: DrainResult) -> None:
-        if heartbeat is not None:
-            heartbeat.touch()
-        if result.published or result.failed:
-            logger.info(
-                "relay: published %d, failed %d (dead %d)",
-                result.published,
-                result.failed,
-                result.dead,
-            )
-
-    stream = _start_cdc(ops) if cdc else None
-    # Beside a stream, polling is only for what the stream leaves (delays, ordering
-    # keys, retries): no commit needs to wake it.
-    loop = RelayLoop(relay, poll_interval=poll_interval, listen=stream is None)
-    if metrics_port is not None:
-        register_outbox_collector(lambda: relay.engine, relay.now)
-        start_http_server(metrics_port)
-        click.echo(f"relay: metrics on http://0.0.0.0:{metrics_port}/metrics")
-
-    def stop(signum: int, _frame: object) -> None:
-        # Work that takes locks or writes to stdout does not belong in a signal handler:
-        # hand it to a thread.
-        def stop_loop() -> None:
-            click.echo(
-                f"relay: {signal.Signals(signum).name} received, finishing the current batch"
-            )
-            loop.stop()
-            if stream is not None:
-                stream.relay.stop()
-
-        threading.Thread(target=stop_loop, name="relay-stop").start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    click.echo(
-        "relay: publishing from "
-        f"{relay.engine.url.render_as_string(hide_password=True)} to {relay.probe.name}"
+    process = RelayProcess(
+        ops.new_relay(RelayKind.RELAY),
+        poll_interval=poll_interval,
+        stream=(
+            CdcRelay(ops.engine, ops.celery_app, ops.settings, probe=ops.probe) if cdc else None
+        ),
+        drop_slot_command=f"{ops.command} cdc drop-slot",
+        metrics_port=metrics_port,
+        heartbeat_file=heartbeat,
+        say=click.echo,
+        complain=lambda line: click.echo(line, err=True),
     )
     try:
-        loop.run(
-            on_drain=on_drain,
-            on_ready=lambda how: click.echo(f"relay: ready, waiting for commits ({how})"),
-        )
-    finally:
-        if stream is not None:
-            stream.relay.stop()
-            stream.thread.join(timeout=30)
-    click.echo("relay: stopped")
-
-
-#: How long `relay --cdc` waits for its stream to start before polling anyway.
-CDC_START_TIMEOUT = 30.0
-
-
-@dataclass
-class _CdcThread:
-    relay: CdcRelay
-    thread: threading.Thread
-
-
-def _start_cdc(ops: Operations) -> _CdcThread:
-    """The CDC relay in a thread of its own, once its slot and publication exist."""
-    try:
-        import psycopg  # noqa: F401 - the stream's driver, checked before anything starts
-    except ImportError as e:
-        raise click.ClickException(
-            "the CDC relay streams with psycopg 3: pip install 'celery-outbox[cdc]'"
-        ) from e
-    relay = CdcRelay(ops.engine, ops.celery_app, ops.settings, probe=ops.probe)
-    try:
-        if relay.slot.ensure():
-            click.echo(
-                f"relay: created replication slot {relay.slot.slot} and publication "
-                f"{relay.slot.publication}"
-            )
+        process.run()
     except OutboxError as e:
         raise click.ClickException(str(e)) from e
-
-    def run() -> None:
-        relay.run(
-            on_streaming=lambda: click.echo(f"relay: streaming from slot {relay.slot.slot}"),
-            ensured=True,
-        )
-        if relay.invalidated.is_set():
-            click.echo(
-                f"relay: slot {relay.slot.slot} is invalidated; polling publishes everything. "
-                f"Run `{ops.command} cdc drop-slot`, then start the relay again.",
-                err=True,
-            )
-
-    thread = threading.Thread(target=run, name="outbox-cdc", daemon=True)
-    thread.start()
-    # The polling loop starts once the stream streams (its heartbeat written, so polling
-    # leaves it the rows it publishes) or stands by; otherwise both would publish the
-    # first rows. A stream that cannot start is retried; polling goes on meanwhile.
-    if not relay.settled.wait(CDC_START_TIMEOUT):
-        logger.warning("cdc: the stream has not started within %gs", CDC_START_TIMEOUT)
-    return _CdcThread(relay, thread)
 
 
 @click.group("cdc")

@@ -20,7 +20,6 @@ maintenance lease (one relay at a time does), watches what was dispatched
 from __future__ import annotations
 
 import logging
-import random
 import time
 import typing
 from collections.abc import Callable
@@ -29,11 +28,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Select, Text, and_, bindparam, case, cast, func, select, update
+from sqlalchemy import Select, Text, and_, bindparam, cast, func, select
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.clock import Clock, utcnow
-from outbox.consumers.idempotency import confirms_processing
 from outbox.data import store_for
 from outbox.data.schema import OutboxStatus, outbox_table, relays_table
 from outbox.maintenance.confirmation import Confirmation, ConfirmationResult
@@ -41,11 +39,10 @@ from outbox.maintenance.heartbeat import Heartbeat, RelayKind
 from outbox.maintenance.key_keeper import KeyKeeper
 from outbox.maintenance.lease import Lease
 from outbox.maintenance.scheduler import MaintenanceScheduler
-from outbox.observability.metrics import DISPATCH_LAG, PUBLISH_FAILURES, PUBLISHED
 from outbox.ordering.keys import OnFailure
+from outbox.relays.outcomes import PublishOutcomes
 from outbox.settings import OutboxSettings
 from outbox.transports import BrokerProbe, ClaimedRow, probe_for, publisher_for
-from outbox.transports.messages import Route, TaskMessage
 
 logger = logging.getLogger(__name__)
 
@@ -81,32 +78,6 @@ _CDC_LIVE = select(_r.name).where(
 )
 #: How often a relay asks whether a CDC relay streams, in seconds.
 CDC_CHECK_INTERVAL = 1.0
-#: A batch's delivered rows marked dispatched, with where they went (one statement per
-#: route in the batch). Only tasks whose consumer records what it processed
-#: (``watched``) get a deadline for its confirmation.
-_MARK = (
-    update(outbox_table)
-    .where(_t.id.in_(bindparam("ids", expanding=True)))
-    .values(
-        status=OutboxStatus.DISPATCHED,
-        dispatched_at=_now,
-        deliveries=_t.deliveries + 1,
-        published_queue=bindparam("queue", type_=_t.published_queue.type),
-        published_exchange=bindparam("exchange", type_=_t.published_exchange.type),
-        published_routing_key=bindparam("routing_key", type_=_t.published_routing_key.type),
-        confirm_deadline=case(
-            (
-                _t.id.in_(bindparam("watched", expanding=True)),
-                bindparam("deadline", type_=_t.confirm_deadline.type),
-            ),
-            else_=None,
-        ),
-    )
-)
-
-#: Rows the CDC relay published (``outbox.relays.cdc``), marked as a batch's are, but only
-#: while still pending: a polling relay may have taken one meanwhile.
-_MARK_STREAMED = _MARK.where(_t.status == OutboxStatus.PENDING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,12 +158,10 @@ class Relay:
             clock=clock,
         )
         self._clock = clock
-        #: Called after each message reaches the broker and before its row is marked:
-        #: the window a crash test aims at.
-        self._after_publish = after_publish
-        # When the current broker outage began (monotonic), so it is logged once, not per
-        # row or per sweep.
-        self._outage_started: float | None = None
+        #: What it records of each publish (``after_publish``: called after each message
+        #: reaches the broker and before its row is marked, the window a crash test
+        #: aims at).
+        self.outcomes = PublishOutcomes(self.settings, after_publish=after_publish)
         #: Batches this relay has committed, so a caller can tell a drain that failed
         #: half-way after progress from one that got nothing done.
         self.committed_batches = 0
@@ -256,11 +225,12 @@ class Relay:
                     outcome = None
                 else:
                     outcome = self.publisher.publish(rows)
-                    self.note_broker(outcome.broker_error)
+                    self.outcomes.note_broker(outcome.broker_error)
                     now = self._clock()
-                    self.mark_dispatched(conn, outcome.delivered, now)
+                    self.outcomes.mark_dispatched(conn, outcome.delivered, now)
                     dead = sum(
-                        self.record_failure(conn, row, error, now) for row, error in outcome.failed
+                        self.outcomes.record_failure(conn, row, error, now)
+                        for row, error in outcome.failed
                     )
         except BaseException:
             # Whatever went wrong, the next batch starts on a connection the pool hands
@@ -380,84 +350,3 @@ class Relay:
         """The statement that claims one batch, due now (public so its plan can be
         checked; a batch runs the same statement, built once)."""
         return self._claim_statement.params(now=self._clock())
-
-    def mark_dispatched(
-        self,
-        conn: Connection,
-        delivered: list[tuple[ClaimedRow, TaskMessage]],
-        now: datetime,
-        *,
-        streamed: bool = False,
-    ) -> None:
-        """Mark ``delivered`` rows dispatched; ``streamed`` rows (the CDC relay's, which
-        holds no lock on them) only if they are still pending."""
-        if not delivered:
-            return
-        routes: dict[Route, tuple[list[int], list[int]]] = {}
-        for row, message in delivered:
-            PUBLISHED.labels(task=row.task_name).inc()
-            DISPATCH_LAG.observe(max(0.0, (now - row.available_at).total_seconds()))
-            ids, watched = routes.setdefault(message.route, ([], []))
-            ids.append(row.id)
-            if confirms_processing(message.task):
-                watched.append(row.id)
-            if self._after_publish is not None:
-                self._after_publish()
-        deadline = now + timedelta(seconds=self.settings.confirm_timeout)
-        for route, (ids, watched) in routes.items():
-            conn.execute(
-                _MARK_STREAMED if streamed else _MARK,
-                {
-                    "ids": ids,
-                    "watched": watched,
-                    "now": now,
-                    "deadline": deadline,
-                    "queue": route.queue,
-                    "exchange": route.exchange,
-                    "routing_key": route.routing_key,
-                },
-            )
-
-    def note_broker(self, error: BaseException | None) -> None:
-        """Log a broker outage once when it starts and once when it ends."""
-        if error is not None:
-            PUBLISH_FAILURES.labels(reason="broker").inc()
-            reason = f"{type(error).__name__}: {error}"
-            if self._outage_started is None:
-                self._outage_started = time.monotonic()
-                logger.warning(
-                    "broker unavailable, rows stay pending and are retried on the next run: %s",
-                    reason,
-                )
-            else:
-                logger.debug("broker still unavailable: %s", reason)
-        elif self._outage_started is not None:
-            logger.warning(
-                "broker reachable again after %.1fs", time.monotonic() - self._outage_started
-            )
-            self._outage_started = None
-
-    def record_failure(self, conn: Connection, row: ClaimedRow, error: str, now: datetime) -> bool:
-        """Reschedule a row whose publish failed on its own; return whether it is now dead."""
-        PUBLISH_FAILURES.labels(reason="row").inc()
-        attempts = row.attempts + 1
-        is_dead = attempts >= self.settings.max_attempts
-        conn.execute(
-            update(outbox_table)
-            .where(_t.id == row.id)
-            .values(
-                attempts=attempts,
-                last_error=error,
-                available_at=now + timedelta(seconds=self._backoff(attempts)),
-                status=OutboxStatus.DEAD if is_dead else OutboxStatus.PENDING,
-            )
-        )
-        return is_dead
-
-    def _backoff(self, attempts: int) -> float:
-        """Exponential backoff with jitter (half to all of the step), so rows that failed
-        together spread out."""
-        ceiling = min(
-            self.settings.retry_backoff_max, self.settings.retry_backoff * 2 ** (attempts - 1)
-        )
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security

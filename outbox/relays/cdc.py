@@ -77,12 +77,14 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from outbox.clock import Clock, utcnow
+from outbox.data import store_for
 from outbox.data.schema import OutboxStatus, outbox_table
 from outbox.errors import CdcSetupError, PgoutputError, SlotInvalidatedError
 from outbox.maintenance.heartbeat import Heartbeat, RelayKind
 from outbox.postgres.pgoutput import PG_EPOCH, Begin, Commit, Insert, Relation, Relations, decode
 from outbox.postgres.slot import CdcSlot
-from outbox.relays.batch import CDC_CHECK_INTERVAL, Relay
+from outbox.relays.batch import CDC_CHECK_INTERVAL
+from outbox.relays.outcomes import PublishOutcomes
 from outbox.settings import OutboxSettings
 from outbox.transports import BrokerProbe, ClaimedRow, probe_for, publisher_for
 
@@ -169,16 +171,17 @@ class CdcRelay:
         self.probe = probe or probe_for(celery_app, clock=clock)
         # Its own publisher: the polling loop beside it publishes from another thread.
         self.publisher = publisher_for(celery_app, self.probe, self.settings)
+        self.store = store_for(engine)
+        self.engine = self.store.outbox_engine(engine)
         # Marks rows and records failures as a polling relay does, without claiming.
-        self._rows = Relay(engine, celery_app, self.settings, probe=self.probe, clock=clock)
-        self.engine = self._rows.engine
+        self.outcomes = PublishOutcomes(self.settings)
         self._clock = clock
         self._after_publish = after_publish
         # One row per process: polling leaves streamed rows alone while one is fresh, and
         # a relay that stops deletes its own (a standby beside it has none).
         self._heartbeat = Heartbeat(
             self.engine,
-            self._rows.store,
+            self.store,
             RelayKind.CDC,
             hostname=f"{socket.gethostname()}:{os.getpid()}",
         )
@@ -191,7 +194,7 @@ class CdcRelay:
         #: Rows of transactions committed before this (the database's time) are looked
         #: up: polling may have taken them while it did not see this stream's heartbeat.
         self._trusted_from: datetime | None = None
-        self._marks = _Marker(self._rows, self._beat)
+        self._marks = _Marker(self.engine, self.outcomes, self._beat)
         self._stopping = threading.Event()
         #: Set while this relay holds the slot and streams.
         self.streaming = threading.Event()
@@ -261,7 +264,6 @@ class CdcRelay:
             except Exception as e:  # the database is away: the row goes stale instead
                 logger.warning("cdc: could not remove this relay's heartbeat: %s", e)
             self.publisher.close()
-            self._rows.close()
 
     def _stream(self, on_streaming: Callable[[], None] | None) -> None:
         stream = _Replication(_dsn(self.engine))
@@ -307,7 +309,21 @@ class CdcRelay:
                 self._trusted_from = at + POLLING_SEES_BEAT
             self._last_beat = at
 
-    def _must_look_up(self, txn: _Transaction, row: ClaimedRow, now: datetime) -> bool:
+    # -- what a streaming session asks of its relay --------------------------------
+
+    def database_now(self) -> datetime:
+        """The database's time, as last read and carried forward on this clock."""
+        return self._database_clock.now()
+
+    def pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or until the relay is stopped."""
+        self._stopping.wait(seconds)
+
+    def beat_soon(self) -> None:
+        """Have the marker's thread write the stream's heartbeat."""
+        self._marks.beat()
+
+    def must_look_up(self, txn: _Transaction, row: ClaimedRow, now: datetime) -> bool:
         """Whether polling may have ``row``, or may take it before its mark lands: the
         hand-over rule, as of the database's time ``now``."""
         half = timedelta(seconds=self.settings.cdc_grace) / 2
@@ -320,7 +336,7 @@ class CdcRelay:
             or now - txn.created_at[row.id] > half
         )
 
-    def _publish_looked_up(self, rows: list[ClaimedRow]) -> tuple[set[int], bool]:
+    def publish_looked_up(self, rows: list[ClaimedRow]) -> tuple[set[int], bool]:
         """Publish those of ``rows`` still pending, holding their locks from the look-up
         to the mark, as a polling relay holds its claim; the ids handled (taken by
         polling too), and whether the broker failed."""
@@ -339,21 +355,21 @@ class CdcRelay:
             if not todo:
                 return handled, False
             outcome = self.publisher.publish(todo)
-            self._rows.note_broker(outcome.broker_error)
+            self.outcomes.note_broker(outcome.broker_error)
             self._count(len(outcome.delivered))
             now = self._clock()
-            self._rows.mark_dispatched(conn, outcome.delivered, now, streamed=True)
+            self.outcomes.mark_dispatched(conn, outcome.delivered, now, streamed=True)
             for row, error in outcome.failed:
-                self._rows.record_failure(conn, row, error, now)
+                self.outcomes.record_failure(conn, row, error, now)
         handled.update(row.id for row, _ in outcome.delivered)
         handled.update(row.id for row, _ in outcome.failed)
         return handled, outcome.broker_error is not None
 
-    def _publish(self, rows: list[ClaimedRow]) -> tuple[set[int], bool]:
+    def publish_rows(self, rows: list[ClaimedRow]) -> tuple[set[int], bool]:
         """Publish ``rows``; the ids handled (delivered, or failed on their own and handed
         to polling), and whether the broker failed."""
         outcome = self.publisher.publish(rows)
-        self._rows.note_broker(outcome.broker_error)
+        self.outcomes.note_broker(outcome.broker_error)
         handled = {row.id for row, _ in outcome.delivered}
         handled.update(row.id for row, _ in outcome.failed)
         self._count(len(outcome.delivered))
@@ -596,16 +612,16 @@ class _Stream:
         """Publish what the ready transactions hold, in commit order, and confirm those
         fully handled; whether the broker took everything. Rows the hand-over rule may
         have given polling are looked up under a lock and published with it held."""
-        now = self.relay._database_clock.now()
+        now = self.relay.database_now()
         rows = [
-            (self.relay._must_look_up(txn, row, now), row)
+            (self.relay.must_look_up(txn, row, now), row)
             for txn in self.ready
             for row in txn.rows
             if row.id not in self.handled
         ]
         broker_failed = False
         for looked_up, run in groupby(rows, key=lambda pair: pair[0]):
-            publish = self.relay._publish_looked_up if looked_up else self.relay._publish
+            publish = self.relay.publish_looked_up if looked_up else self.relay.publish_rows
             handled, broker_failed = publish([row for _, row in run])
             self.handled |= handled
             if broker_failed:
@@ -633,7 +649,7 @@ class _Stream:
         would end a silent connection after ``wal_sender_timeout``, and a standby would
         take the slot and publish the same transactions."""
         self.backoff = min(MAX_BACKOFF, max(0.1, self.backoff * 2))
-        self.relay._stopping.wait(self.backoff)
+        self.relay.pause(self.backoff)
 
     def _confirm(self, lsn: int) -> None:
         if lsn > self.confirmed:
@@ -651,7 +667,7 @@ class _Stream:
             self.stream.report(reply=True)
         if now >= self.next_beat:
             self.next_beat = now + BEAT_INTERVAL
-            self.relay._marks.beat()
+            self.relay.beat_soon()
 
 
 def _streamed_row(values: Any) -> ClaimedRow | None:
@@ -687,8 +703,9 @@ class _Marker:
     stream's heartbeat (``beat``). A crash may lose a mark; the row then stays pending
     and a polling relay publishes it again after ``cdc_grace``, under the same task id."""
 
-    def __init__(self, rows: Relay, beat: Callable[[], None]) -> None:
-        self._rows = rows
+    def __init__(self, engine: Engine, outcomes: PublishOutcomes, beat: Callable[[], None]) -> None:
+        self._engine = engine
+        self._outcomes = outcomes
         self._beat = beat
         self._queue: queue.Queue[_Marks | str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -736,13 +753,13 @@ class _Marker:
         if not marks:
             return
         delivered = [pair for mark in marks for pair in mark.delivered]
-        with self._rows.engine.begin() as conn:
+        with self._engine.begin() as conn:
             # Marked as of the last publish among them: the dispatch time and the
             # confirmation deadline move by at most MARK_WINDOW.
-            self._rows.mark_dispatched(conn, delivered, marks[-1].at, streamed=True)
+            self._outcomes.mark_dispatched(conn, delivered, marks[-1].at, streamed=True)
             for mark in marks:
                 for row, error in mark.failed:
-                    self._rows.record_failure(conn, row, error, mark.at)
+                    self._outcomes.record_failure(conn, row, error, mark.at)
 
 
 def _dsn(engine: Engine) -> str:

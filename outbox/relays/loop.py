@@ -78,6 +78,10 @@ class RelayLoop:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    def pause(self, seconds: float) -> bool:
+        """Wait ``seconds``, or until stopped: whether it was stopped."""
+        return self._stopping.wait(seconds)
+
     def run_once(self, *, maintain: bool = True) -> DrainResult:
         # Stop between batches, not only between drains: a drain may run for
         # sweep_max_seconds, and SIGTERM should cost at most the batch in hand.
@@ -195,7 +199,7 @@ class _Listener:
 
     def wait(self, timeout: float) -> str:
         """Wait up to ``timeout`` seconds; return why the wait ended."""
-        return "stopped" if self.loop._stopping.wait(timeout) else "timeout"
+        return "stopped" if self.loop.pause(timeout) else "timeout"
 
 
 class _ConnectedListener(_Listener):
@@ -243,7 +247,7 @@ class _DueRowsListener(_ConnectedListener):
     def wait(self, timeout: float) -> str:
         remaining = timeout
         while remaining > 0:
-            if self.loop._stopping.wait(min(self.interval, remaining)):
+            if self.loop.pause(min(self.interval, remaining)):
                 return "stopped"
             remaining -= self.interval
             if self._due():
@@ -321,7 +325,7 @@ class _NotifyListener(_ConnectedListener):
     def _wait_quiet(self, timeout: float) -> str:
         remaining = timeout
         while remaining > 0:
-            if self.loop._stopping.wait(QUIET_CHECK_INTERVAL):
+            if self.loop.pause(QUIET_CHECK_INTERVAL):
                 return "stopped"
             remaining -= QUIET_CHECK_INTERVAL
             if self._due():

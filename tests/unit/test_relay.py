@@ -235,7 +235,7 @@ def test_an_outage_is_logged_once_and_its_end_once(
     broker = SwitchableBroker(celery_app, monkeypatch)
     relay = Relay(engine, celery_app, clock=clock, probe=broker)
     broker.down = True
-    with caplog.at_level(logging.WARNING, logger="outbox.relays.batch"):
+    with caplog.at_level(logging.WARNING, logger="outbox.relays.outcomes"):
         for _ in range(3):
             assert relay.run_once().broker_unavailable
         broker.down = False
