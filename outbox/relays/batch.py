@@ -23,17 +23,24 @@ import logging
 import time
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Select, Text, and_, bindparam, cast, func, select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.clock import Clock, utcnow
 from outbox.data import store_for
-from outbox.data.schema import OutboxStatus, outbox_table, relays_table
+from outbox.data.outbox_rows import (
+    DUE_ROW,
+    DUE_UNSTREAMED_ROW,
+    ClaimedRow,
+    claim_statement,
+    claimed_rows,
+)
+from outbox.data.schema import outbox_table, relays_table
 from outbox.maintenance.confirmation import Confirmation, ConfirmationResult
 from outbox.maintenance.heartbeat import Heartbeat, RelayKind
 from outbox.maintenance.key_keeper import KeyKeeper
@@ -42,36 +49,12 @@ from outbox.maintenance.scheduler import MaintenanceScheduler
 from outbox.ordering.keys import OnFailure
 from outbox.relays.outcomes import PublishOutcomes
 from outbox.settings import OutboxSettings
-from outbox.transports import BrokerProbe, ClaimedRow, probe_for, publisher_for
+from outbox.transports import BrokerProbe, probe_for, publisher_for
 
 logger = logging.getLogger(__name__)
 
 _t = outbox_table.c
 _r = relays_table.c
-#: What the claim reads: the fields of ``ClaimedRow``, in their order, so each row builds
-#: one positionally. The JSON columns are read as text: the publisher parses them once,
-#: where the driver would parse them for nothing first.
-_JSON_FIELDS = {"args", "kwargs", "options"}
-_CLAIM_COLUMNS = tuple(
-    cast(_t[field.name], Text).label(field.name) if field.name in _JSON_FIELDS else _t[field.name]
-    for field in fields(ClaimedRow)
-)
-
-_now = bindparam("now", type_=_t.available_at.type)
-#: Rows a running CDC relay streams (``outbox.relays.cdc``): enqueued due at once, with
-#: no ordering key, never failed, and younger than ``cdc_grace`` by the database's clock
-#: (the hand-over rule, in that module's docstring). Polling leaves them.
-_STREAMED = and_(
-    _t.ordering_key.is_(None),
-    _t.attempts == 0,
-    _t.available_at <= _t.created_at,
-    _t.created_at > bindparam("streamed_after", type_=_t.created_at.type),
-)
-#: Whether a row is due: the first entry of the pending rows' index.
-_DUE = select(_t.id).where(_t.status == OutboxStatus.PENDING, _t.available_at <= _now).limit(1)
-_DUE_UNSTREAMED = _DUE.where(~_STREAMED)
-#: The database's clock, which times the hand-over between a CDC relay and polling.
-_DATABASE_NOW = select(func.statement_timestamp())
 #: Whether a CDC relay has streamed lately (its heartbeat, written with the database's time).
 _CDC_LIVE = select(_r.name).where(
     _r.kind == str(RelayKind.CDC), _r.last_seen_at > bindparam("since", type_=_r.last_seen_at.type)
@@ -172,15 +155,8 @@ class Relay:
         #: publish. A connection that failed is never kept.
         self.keep_connection = False
         self._kept_connection: Connection | None = None
-        self._claim_statement = (
-            select(*_CLAIM_COLUMNS)
-            .where(_t.status == OutboxStatus.PENDING, _t.available_at <= _now)
-            # The same order as the pending rows' index: the scan stops after a batch.
-            .order_by(_t.available_at, _t.id)
-            .limit(self.settings.batch_size)
-            .with_for_update(skip_locked=True, of=outbox_table)
-        )
-        self._claim_unstreamed = self._claim_statement.where(~_STREAMED)
+        self._claim_statement = claim_statement(self.settings.batch_size)
+        self._claim_unstreamed = claim_statement(self.settings.batch_size, unstreamed=True)
         #: Whether a CDC relay streamed at the last check (``CDC_CHECK_INTERVAL``).
         self._cdc_live = False
         self._cdc_checked: float | None = None
@@ -317,7 +293,7 @@ class Relay:
             rows = conn.execute(
                 self._claim_unstreamed, {"now": now, "streamed_after": streamed_after}
             )
-        return [ClaimedRow(*row) for row in rows]
+        return claimed_rows(rows)
 
     def streamed_after(self, conn: Connection, now: datetime) -> datetime | None:
         """While a CDC relay streams: the creation time after which a row it streams is
@@ -328,7 +304,7 @@ class Relay:
         grace = timedelta(seconds=self.settings.cdc_grace)
         checked = self._cdc_checked
         if checked is None or time.monotonic() - checked >= CDC_CHECK_INTERVAL:
-            database_now = conn.execute(_DATABASE_NOW).scalar_one()
+            database_now = self.store.database_now(conn)
             self._database_ahead = database_now - now
             since = database_now - grace
             self._cdc_live = conn.execute(_CDC_LIVE, {"since": since}).first() is not None
@@ -342,8 +318,8 @@ class Relay:
         now = self._clock()
         streamed_after = self.streamed_after(conn, now)
         if streamed_after is None:
-            return conn.execute(_DUE, {"now": now}).first() is not None
-        found = conn.execute(_DUE_UNSTREAMED, {"now": now, "streamed_after": streamed_after})
+            return conn.execute(DUE_ROW, {"now": now}).first() is not None
+        found = conn.execute(DUE_UNSTREAMED_ROW, {"now": now, "streamed_after": streamed_after})
         return found.first() is not None
 
     def claim_query(self) -> Select[Any]:

@@ -78,6 +78,7 @@ from sqlalchemy.engine import Engine
 
 from outbox.clock import Clock, utcnow
 from outbox.data import store_for
+from outbox.data.outbox_rows import ClaimedRow
 from outbox.data.schema import OutboxStatus, outbox_table
 from outbox.errors import CdcSetupError, PgoutputError, SlotInvalidatedError
 from outbox.maintenance.heartbeat import Heartbeat, RelayKind
@@ -86,7 +87,7 @@ from outbox.postgres.slot import CdcSlot
 from outbox.relays.batch import CDC_CHECK_INTERVAL
 from outbox.relays.outcomes import PublishOutcomes
 from outbox.settings import OutboxSettings
-from outbox.transports import BrokerProbe, ClaimedRow, probe_for, publisher_for
+from outbox.transports import BrokerProbe, probe_for, publisher_for
 
 if TYPE_CHECKING:
     from psycopg.pq.abc import PGconn

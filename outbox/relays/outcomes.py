@@ -13,10 +13,9 @@ from datetime import datetime, timedelta
 from sqlalchemy.engine import Connection
 
 from outbox.consumers.idempotency import confirms_processing
-from outbox.data.outbox_rows import mark_dispatched, reschedule_failed
+from outbox.data.outbox_rows import ClaimedRow, mark_dispatched, reschedule_failed
 from outbox.observability.metrics import DISPATCH_LAG, PUBLISH_FAILURES, PUBLISHED
 from outbox.settings import OutboxSettings
-from outbox.transports import ClaimedRow
 from outbox.transports.messages import Route, TaskMessage
 
 logger = logging.getLogger(__name__)

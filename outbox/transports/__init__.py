@@ -26,6 +26,7 @@ from __future__ import annotations
 from celery import Celery
 
 from outbox.clock import Clock, utcnow
+from outbox.data.outbox_rows import ClaimedRow
 from outbox.settings import OutboxSettings
 from outbox.transports import amqp, kombu, redis
 from outbox.transports.family import TransportFamily
@@ -40,7 +41,6 @@ from outbox.transports.probes import (
 from outbox.transports.publishers import (
     MAX_ERROR_LENGTH,
     BrokerFailedError,
-    ClaimedRow,
     Publisher,
     PublishOutcome,
 )

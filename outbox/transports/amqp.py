@@ -70,6 +70,7 @@ from kombu.common import maybe_declare
 from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from outbox.clock import Clock
+from outbox.data.outbox_rows import ClaimedRow
 from outbox.errors import OutboxError
 from outbox.settings import OutboxSettings
 from outbox.tracing import publishing_context
@@ -82,7 +83,7 @@ from outbox.transports.messages import (
     announce_before,
 )
 from outbox.transports.probes import BrokerProbe, BrokerState
-from outbox.transports.publishers import ClaimedRow, Publisher, PublishOutcome, undeclared
+from outbox.transports.publishers import Publisher, PublishOutcome, undeclared
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]  # 
 from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from outbox.clock import Clock
+from outbox.data.outbox_rows import ClaimedRow
 from outbox.settings import OutboxSettings
 from outbox.tracing import publishing_context
 from outbox.transports.family import TransportFamily
@@ -30,7 +31,6 @@ from outbox.transports.messages import (
 from outbox.transports.probes import BrokerProbe, OpaqueBrokerProbe
 from outbox.transports.publishers import (
     BrokerFailedError,
-    ClaimedRow,
     Publisher,
     PublishOutcome,
     undeclared,

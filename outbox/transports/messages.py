@@ -34,7 +34,7 @@ from outbox.enqueue.serialization import decode_wire
 from outbox.ordering.handover import KEY_HEADER, SEQ_HEADER
 
 if TYPE_CHECKING:
-    from outbox.transports.publishers import ClaimedRow
+    from outbox.data.outbox_rows import ClaimedRow
 
 
 class RowFailedError(Exception):

@@ -12,14 +12,13 @@ broker also fails to answer a fresh connection.
 from __future__ import annotations
 
 import logging
-import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from celery import Celery
 
+from outbox.data.outbox_rows import ClaimedRow
 from outbox.transports.messages import MessageBuilder, RowFailedError, TaskMessage
 from outbox.transports.probes import BrokerProbe
 
@@ -27,23 +26,6 @@ logger = logging.getLogger(__name__)
 
 #: Longest ``last_error`` kept on a row: a row is not a log file.
 MAX_ERROR_LENGTH = 2000
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimedRow:
-    """A claimed row: what publishing it takes, and what recording a failure takes."""
-
-    id: int
-    task_id: uuid.UUID
-    task_name: str
-    #: The stored JSON of the task's arguments and options, as text.
-    args: str
-    kwargs: str
-    options: str
-    attempts: int
-    available_at: datetime
-    ordering_key: str | None = None
-    ordering_seq: int | None = None
 
 
 @dataclass(slots=True)
