@@ -69,7 +69,17 @@ class MaintenanceScheduler:
             return None
         self._next = now + self.interval
         self._run(self.own)
-        self.holds_lease = self.lease is None or self.lease.hold()
+        try:
+            self.holds_lease = self.lease is None or self.lease.hold()
+        except Exception as e:
+            # Publishing does not wait on the lease: the passes wait for the next interval.
+            self.holds_lease = False
+            logger.error(  # noqa: TRY400 - a line each pass, not a traceback every 5 s
+                "could not take the maintenance lease, so confirmation and the key keeper "
+                "wait for the next pass (if the table celery_outbox_leases is missing, run "
+                "the outbox's migrations): %s",
+                e,
+            )
         if not self.holds_lease:
             return None
         return self._run(self.elected)

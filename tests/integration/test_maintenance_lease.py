@@ -10,16 +10,18 @@ clock, whatever the relays' own clocks say.
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from celery import Celery
 from kombu.transport import memory
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, create_engine, select
 
-from outbox import Relay
+from outbox import Relay, TaskOutbox, create_tables
 from outbox.data.schema import leases_table
 from outbox.maintenance.lease import Lease
 from outbox.maintenance.scheduler import MAINTENANCE_INTERVAL
@@ -166,3 +168,30 @@ def test_a_relay_loop_stopped_on_purpose_gives_the_lease_up(
         relay.close()
     assert not thread.is_alive()
     assert lease.current_holder() is None
+
+
+def test_a_lease_that_cannot_be_read_is_reported_and_publishing_goes_on(
+    tmp_path: Path, memory_celery: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tables behind the library (the migration that adds the leases not run): the relay
+    still publishes, and says what is wrong at each pass."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'behind.sqlite3'}")
+    create_tables(engine)
+    leases_table.drop(engine)
+
+    @memory_celery.task(name="leases.noop", shared=False)
+    def noop() -> None: ...
+
+    with engine.begin() as conn:
+        TaskOutbox(memory_celery).apply_async("leases.noop", session=conn)
+    relay = Relay(engine, memory_celery)
+    try:
+        with caplog.at_level(logging.ERROR, logger="outbox.maintenance.scheduler"):
+            drained = relay.drain()
+        assert 1 == drained.published
+        assert drained.confirmation is None
+        assert "run the outbox's migrations" in caplog.text
+        assert "celery_outbox_leases" in caplog.text
+    finally:
+        relay.close()
+        engine.dispose()
