@@ -7,6 +7,8 @@ Modes:
   the way an application without the outbox publishes;
 - ``sweep``: run ``Relay.drain()`` every ``--interval`` seconds until SIGTERM, which is
   what the beat-scheduled ``outbox.sweep`` task does in a worker;
+- ``loop``: a :class:`~outbox.relays.loop.RelayLoop` until SIGTERM, as ``flask outbox
+  relay`` runs one, but with :mod:`bench.celery_app`'s ``bench.count`` registered;
 - ``watch``: pop ``--count`` raw messages off a Redis queue as they arrive and report
   when each task id arrived (a process of its own, so that no other thread holds the GIL
   when a message lands).
@@ -15,7 +17,8 @@ Modes:
 first, print ``ready``, wait for ``go`` (so that start-up is not measured and two
 relays start together), do their work and print one JSON line with what they did and
 when (:func:`bench.children.monotonic`, comparable across processes). ``sweep`` prints
-``ready`` and runs until stopped; ``watch`` prints ``ready``, waits for ``go``, then
+``ready`` and runs until stopped; ``loop`` prints ``ready`` once it waits for commits
+(LISTENing) and runs until stopped; ``watch`` prints ``ready``, waits for ``go``, then
 prints its JSON line once it has seen ``--count`` messages or ``--seconds`` have passed.
 """
 
@@ -33,7 +36,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from celery.result import _set_task_join_will_block  # type: ignore[attr-defined]
 from sqlalchemy import create_engine, text
 
 from bench.children import monotonic
@@ -43,24 +45,25 @@ from outbox import OutboxSettings, Relay
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.child")
     modes = parser.add_subparsers(dest="mode", required=True)
-    relay = modes.add_parser("relay")
-    relay.add_argument("--batch-size", type=int, default=OutboxSettings().batch_size)
-    plain = modes.add_parser("plain")
-    plain.add_argument("--count", type=int, required=True)
-    plain.add_argument("--task", default="orders.notify_customer")
-    for mode in (relay, plain):
+    relay_mode = modes.add_parser("relay")
+    relay_mode.add_argument("--batch-size", type=int, default=OutboxSettings().batch_size)
+    plain_mode = modes.add_parser("plain")
+    plain_mode.add_argument("--count", type=int, required=True)
+    plain_mode.add_argument("--task", default="orders.notify_customer")
+    for mode in (relay_mode, plain_mode):
         mode.add_argument(
             "--no-events",
             action="store_true",
             help="publish without task-sent events (task_send_sent_event=False)",
         )
-    sweep = modes.add_parser("sweep")
-    sweep.add_argument("--interval", type=float, default=OutboxSettings().sweep_interval)
-    watch = modes.add_parser("watch")
-    watch.add_argument("--queue", default="celery")
-    watch.add_argument("--count", type=int, required=True)
-    watch.add_argument("--seconds", type=float, required=True)
-    watch.add_argument(
+    sweep_mode = modes.add_parser("sweep")
+    sweep_mode.add_argument("--interval", type=float, default=OutboxSettings().sweep_interval)
+    modes.add_parser("loop")
+    watch_mode = modes.add_parser("watch")
+    watch_mode.add_argument("--queue", default="celery")
+    watch_mode.add_argument("--count", type=int, required=True)
+    watch_mode.add_argument("--seconds", type=float, required=True)
+    watch_mode.add_argument(
         "--wall-clock",
         action="store_true",
         help="note arrivals on the wall clock (Unix time), as pgbench logs its commits",
@@ -72,27 +75,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from bench.celery_app import app as celery_app
+    from bench.celery_app import result_subscriptions
 
     if getattr(args, "no_events", False):
         celery_app.conf.task_send_sent_event = False
 
     # Like a worker and the relay command: this process never waits for results, so
     # Celery must not subscribe it to every published task's result channel.
-    _set_task_join_will_block(True)
-    engine = create_engine(os.environ["DATABASE_URL"])
-    with engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
-    with celery_app.producer_or_acquire() as producer:
-        producer.connection.ensure_connection(max_retries=3)
+    with result_subscriptions(False):
+        engine = create_engine(os.environ["DATABASE_URL"])
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        with celery_app.producer_or_acquire() as producer:
+            producer.connection.ensure_connection(max_retries=3)
 
-    if args.mode == "relay":
-        with Relay(engine, celery_app, OutboxSettings(batch_size=args.batch_size)) as relay:
-            outcome = _drain(relay)
-    elif args.mode == "plain":
-        outcome = _publish(celery_app.tasks[args.task], args.count)
-    else:
-        _sweep(Relay(engine, celery_app), args.interval)
-        return 0
+        if args.mode == "relay":
+            with Relay(engine, celery_app, OutboxSettings(batch_size=args.batch_size)) as relay:
+                outcome = _drain(relay)
+        elif args.mode == "plain":
+            outcome = _publish(celery_app.tasks[args.task], args.count)
+        elif args.mode == "loop":
+            _loop(Relay(engine, celery_app, OutboxSettings()))
+            return 0
+        else:
+            _sweep(Relay(engine, celery_app), args.interval)
+            return 0
     print(json.dumps(outcome), flush=True)
     return 0
 
@@ -169,6 +176,21 @@ def _sweep(relay: Relay, interval: float) -> None:
         relay.drain()
         tick = max(tick + 1, math.ceil((monotonic() - start) / interval))
         stopping.wait(max(0.0, start + tick * interval - monotonic()))
+
+
+def _loop(relay: Relay) -> None:
+    """The relay loop, woken by NOTIFY, until SIGTERM (which lets it finish the batch in
+    hand): a key's next task becomes pending only once the one before it has finished,
+    so a relay that drained once and exited would not do."""
+    from outbox.relays.loop import RelayLoop
+
+    loop = RelayLoop(relay)
+
+    def stop(_signum: int, _frame: Any) -> None:
+        threading.Thread(target=loop.stop, name="relay-stop").start()
+
+    signal.signal(signal.SIGTERM, stop)
+    loop.run(on_ready=lambda _how: print("ready", flush=True))
 
 
 if __name__ == "__main__":

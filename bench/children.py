@@ -1,5 +1,5 @@
-"""Child processes the benchmark starts (relays, workers, a redis-server), each in its own
-process group.
+"""Child processes the benchmark starts (relays, workers, watchers, a redis-server), each
+in its own process group, and the one way each kind is started and waited for.
 
 A child runs in a session of its own, so Ctrl-C in the terminal reaches only the
 benchmark, which then stops its children itself; and stopping a child signals its group
@@ -14,15 +14,24 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from celery import Celery
+from sqlalchemy import Engine
+
+from bench.data import waiting_listeners
+
 #: The checkout: children run from it so ``celeryconfig`` and ``bench`` import.
 ROOT = Path(__file__).resolve().parents[1]
+#: How long a child may take to start before the benchmark gives up on it.
+START_TIMEOUT = 60.0
 
 _running: list[Child] = []
 
@@ -42,7 +51,8 @@ class Child:
 
     With ``talk=True`` the child's stdin and stdout are pipes for the line protocol of
     :mod:`bench.child` ("ready", "go", one JSON result line). ``env`` is set over the
-    benchmark's own environment (another broker's ``CELERY_BROKER_URL``, say).
+    benchmark's own environment (another broker's ``CELERY_BROKER_URL``, say). Children
+    of one name share a log file, each appending; :meth:`log` shows this one's part.
     """
 
     def __init__(
@@ -58,6 +68,7 @@ class Child:
         self.log_path = log_dir / f"{name}.log"
         self._buffer = b""
         with self.log_path.open("ab") as log:
+            self._log_start = log.tell()
             self.popen = subprocess.Popen(
                 args,
                 cwd=ROOT,
@@ -81,8 +92,11 @@ class Child:
         return self.popen.poll() is None
 
     def log(self, tail: int = 4000) -> str:
+        """The end of what this child wrote to its log."""
         try:
-            return self.log_path.read_text(errors="replace")[-tail:]
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_start)
+                return log.read().decode(errors="replace")[-tail:]
         except FileNotFoundError:
             return ""
 
@@ -111,7 +125,7 @@ class Child:
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode()
 
-    def expect(self, word: str, timeout: float = 60) -> None:
+    def expect(self, word: str, timeout: float = START_TIMEOUT) -> None:
         line = self.read_line(timeout)
         if line != word:
             raise ChildError(f"{self.name} said {line!r}, expected {word!r}:\n{self.log()}")
@@ -171,3 +185,131 @@ def stop_all() -> None:
     """Stop every child still running, newest first."""
     for child in reversed(list(_running)):
         child.stop()
+
+
+def wait_for(
+    done: Callable[[], bool],
+    timeout: float,
+    what: str,
+    child: Child | None = None,
+    *,
+    interval: float = 0.05,
+) -> None:
+    """Check ``done`` every ``interval`` seconds until it holds; fail if ``child`` exits
+    first, or after ``timeout`` seconds (``what`` says what was awaited)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if child is not None and not child.alive:
+            raise ChildError(
+                f"{child.name} exited with {child.popen.returncode} before {what}:\n{child.log()}"
+            )
+        if time.monotonic() > deadline:
+            log = f":\n{child.log()}" if child is not None else ""
+            raise ChildError(f"not {what} within {timeout:g}s{log}")
+        time.sleep(interval)
+
+
+@contextmanager
+def started(child: Child) -> Iterator[Child]:
+    """``child``, stopped when the block ends however it ends."""
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+def example_relay(
+    name: str,
+    log_dir: Path,
+    *options: str,
+    env: Mapping[str, str] | None = None,
+    waiting_in: Engine | None = None,
+) -> Child:
+    """The example's relay process, ``flask --app webapp outbox relay OPTIONS``, once it
+    is ready: it has drained what was committed before it and waits for commits.
+
+    With ``waiting_in`` (its PostgreSQL database) that is once its row in
+    ``celery_outbox_listeners`` says it waits on LISTEN: from then on every commit
+    notifies it. Elsewhere (MariaDB, a CDC relay) it is once it printed that it is ready
+    and, with ``--cdc``, that it streams from its slot.
+    """
+    command = [sys.executable, "-m", "flask", "--app", "webapp", "outbox", "relay", *options]
+    relay = Child(name, command, log_dir, env=env)
+    words = ["relay: ready", *(["relay: streaming from slot"] if "--cdc" in options else [])]
+    listener = f"{socket.gethostname()}:{relay.popen.pid}"
+
+    def ready() -> bool:
+        if waiting_in is not None:
+            return waiting_listeners(waiting_in, listener) > 0
+        return all(word in relay.log() for word in words)
+
+    try:
+        wait_for(ready, START_TIMEOUT, f"{name} ready", relay)
+    except BaseException:
+        relay.stop()
+        raise
+    return relay
+
+
+def celery_workers(
+    log_dir: Path, celery_app: Celery, workers: Sequence[tuple[str, str, str]]
+) -> list[Child]:
+    """``-P solo`` workers of :mod:`bench.celery_app`, one per ``(name, node, queues)``,
+    started together and handed back once each answers a ping as its node. A solo worker
+    is one OS process running tasks in its main loop, which on two cores is the sensible
+    unit (a prefork worker with ``-c 1`` adds a pool process and a pipe hop per task; more
+    processes than cores only add switching)."""
+
+    def answers(node: str) -> Callable[[], bool]:
+        # The ping waits up to half a second for an answer itself.
+        return lambda: bool(celery_app.control.ping(destination=[node], timeout=0.5))
+
+    children: list[Child] = []
+    try:
+        for name, node, queues in workers:
+            command = [
+                sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker",
+                "--pool", "solo", "--queues", queues, "--hostname", node,
+                "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
+                "--without-heartbeat",
+            ]  # fmt: skip
+            children.append(Child(name, command, log_dir))
+        for worker, (name, node, _) in zip(children, workers, strict=True):
+            wait_for(answers(node), START_TIMEOUT, f"{name} answering a ping", worker, interval=0)
+    except BaseException:
+        for worker in children:
+            worker.stop()
+        raise
+    return children
+
+
+class Watcher:
+    """The ``watch`` child (:mod:`bench.child`): once told to go, it pops messages off
+    the broker's queue as they land and says when each task id arrived."""
+
+    def __init__(self, child: Child, seconds: float) -> None:
+        self.child = child
+        self.seconds = seconds
+
+    def go(self) -> None:
+        self.child.send("go")
+
+    def arrivals(self) -> dict[str, float]:
+        """Each task id's arrival, once ``count`` arrived or ``seconds`` passed."""
+        found: dict[str, float] = self.child.result(self.seconds + 10)["arrivals"]
+        self.child.wait(10)
+        return found
+
+
+@contextmanager
+def watching(
+    log_dir: Path, count: int, seconds: float, *, wall_clock: bool = False
+) -> Iterator[Watcher]:
+    """A watcher of ``count`` messages for at most ``seconds``, ready (imported and
+    connected) when the block starts and stopped when it ends; ``wall_clock`` notes
+    arrivals in Unix time, as pgbench logs its commits, instead of :func:`monotonic`."""
+    args = ["watch", "--count", str(count), "--seconds", str(seconds)]
+    child = Child.bench("watch", log_dir, *args, *(["--wall-clock"] if wall_clock else []))
+    with started(child):
+        child.expect("ready")
+        yield Watcher(child, seconds)

@@ -9,6 +9,8 @@ unless a queue is named), a fresh UUID task id, due a minute ago and in id order
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -72,9 +74,12 @@ def add_dispatched(engine: Engine, rows: int, task_name: str = "orders.notify_cu
         conn.execute(text(_DISPATCHED), {"task_name": task_name, "rows": rows})
 
 
-def analyze(engine: Engine, *, vacuum: bool = False) -> None:
+def analyze(engine: Engine, *tables: str, vacuum: bool = False) -> None:
+    """ANALYZE ``tables`` (the outbox table by default), after a VACUUM with ``vacuum``."""
+    command = "VACUUM ANALYZE" if vacuum else "ANALYZE"
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(("VACUUM ANALYZE" if vacuum else "ANALYZE") + " celery_outbox"))
+        for table in tables or ("celery_outbox",):
+            conn.execute(text(f"{command} {table}"))
 
 
 def empty_tables(engine: Engine) -> None:
@@ -91,6 +96,18 @@ def count_status(engine: Engine, status: str) -> int:
         found: int = conn.execute(
             text("SELECT count(*) FROM celery_outbox WHERE status = :status"), {"status": status}
         ).scalar_one()
+    return found
+
+
+def waiting_listeners(engine: Engine, relay: str | None = None) -> int:
+    """How many relays say in ``celery_outbox_listeners`` that they wait on LISTEN (only
+    ``relay``, named ``host:pid``, if given): from then on every commit notifies them."""
+    query = "SELECT count(*) FROM celery_outbox_listeners WHERE waiting"
+    with engine.connect() as conn:
+        if relay is None:
+            found: int = conn.execute(text(query)).scalar_one()
+        else:
+            found = conn.execute(text(query + " AND relay = :relay"), {"relay": relay}).scalar_one()
     return found
 
 
@@ -112,13 +129,29 @@ def empty_queue(client: redis.Redis, queue: str = DEFAULT_QUEUE) -> None:
     client.delete(*keys)
 
 
-def schema_of_its_own(engine: Engine, database_url: str, schema: str) -> Engine:
-    """A fresh ``schema`` holding the outbox's tables, and an engine whose connections
-    find them first (``search_path``): the relay's own statements then run unchanged
-    against a table of the size a section wants."""
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    own = create_engine(database_url, connect_args={"options": f"-c search_path={schema}"})
-    create_tables(own)
-    return own
+@contextmanager
+def schemas_of_its_own(engine: Engine, database_url: str) -> Iterator[Callable[[str], Engine]]:
+    """``make(schema)``: a fresh ``schema`` holding the outbox's tables, and an engine whose
+    connections find them first (``search_path``), so the library's own statements run
+    unchanged against tables of the size a section wants. When the block ends, however
+    it ends, the engines are disposed of and the schemas dropped."""
+    made: dict[str, Engine] = {}
+
+    def make(schema: str) -> Engine:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        own = made[schema] = create_engine(
+            database_url, connect_args={"options": f"-c search_path={schema}"}
+        )
+        create_tables(own)
+        return own
+
+    try:
+        yield make
+    finally:
+        for own in made.values():
+            own.dispose()
+        with engine.begin() as conn:
+            for schema in made:
+                conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))

@@ -1,4 +1,5 @@
-"""The benchmark's own PostgreSQL database and Redis DB index, made for one run and removed.
+"""The benchmark's own PostgreSQL database and Redis DB index, made for one run and removed
+(and a MariaDB database, for the sections that need one).
 
 The benchmark truncates tables and empties queues between runs, so it must never share a
 database or a Redis DB with a test run or an application: the database is new, named after
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-from sqlalchemy import make_url
+from sqlalchemy import Engine, create_engine, make_url
 
+from tests.mariadb import create_database, drop_database
 from tests.redis_claim import claim_redis_db, release_redis_db
 
 DEFAULT_DATABASE_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -109,3 +111,30 @@ def _create_database(admin_url: str, database: str) -> None:
 def _drop_database(admin_url: str, database: str) -> None:
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+@contextmanager
+def mariadb_database() -> Iterator[tuple[Engine, str]]:
+    """This run's MariaDB database and user (``outbox_bench_<pid>``, through ``mariadb
+    -uroot`` on 127.0.0.1:3306) with the example's tables: its engine and URL; dropped
+    when the block ends, however it ends."""
+    from webapp import init_db
+    from webapp.config import engine_options
+
+    name = f"outbox_bench_{os.getpid()}"
+    url = create_database(name)
+    engine = create_engine(url, **engine_options(url))
+    try:
+        init_db(engine)
+        yield engine, url
+    finally:
+        engine.dispose()
+        drop_database(name)
+
+
+def due_check_ms() -> str:
+    """How often a relay on MariaDB, which has no NOTIFY, checks for a due row while it
+    waits (ms), as the figures name it."""
+    from outbox.data.mysql import MySQLStore
+
+    return f"{(MySQLStore.due_check_interval or 0) * 1000:g}"

@@ -22,8 +22,6 @@ the time from a commit until its change is in hand and confirmed.
 
 from __future__ import annotations
 
-import itertools
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,11 +31,11 @@ import psycopg
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
-from bench.children import Child, ChildError
+from bench.children import Child, ChildError, example_relay, wait_for, watching
 from bench.context import Context, rotated
 from bench.data import empty_queue, empty_tables
+from bench.latencies import commit_to_publish
 from bench.results import Figure, percentile
-from bench.sections.latency import paced_enqueues, warm_up
 from outbox import TaskOutbox
 from outbox.postgres.pgoutput import Commit, decode, format_lsn
 from outbox.postgres.slot import CdcSlot
@@ -48,7 +46,6 @@ POLLING, CDC = "polling relay (LISTEN/NOTIFY)", "CDC relay (--cdc)"
 STREAMING, SQL = "streaming replication (psycopg 2)", "SQL interface (peek + advance)"
 RELAY_ROLE = "outbox_bench_relay"
 DATABASE = "outbox_bench_cdc"
-START_TIMEOUT = 60.0
 #: The relay role's statements over a run, and the WAL written.
 _QUERIES = text(
     "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements"
@@ -57,7 +54,6 @@ _QUERIES = text(
 _LSN = text("SELECT pg_current_wal_lsn()")
 _WAL_SINCE = text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), CAST(:since AS pg_lsn))")
 _PUBLICATION, _DRIVER_SLOT = "outbox_bench_driver", "outbox_bench_driver"
-_STARTS = itertools.count(1)
 
 
 def run(ctx: Context) -> list[Figure]:
@@ -143,27 +139,13 @@ def _database(cluster: LogicalCluster) -> Iterator[tuple[Engine, str]]:
 
 
 def _start_relay(ctx: Context, relay_url: str, variant: str) -> Child:
-    """The relay process, once it waits for commits (and, with --cdc, streams)."""
-    command = [sys.executable, "-m", "flask", "--app", "webapp", "outbox", "relay"]
-    if variant == CDC:
-        command.append("--cdc")
-    # A log of its own: what an earlier relay printed must not pass for this one's start.
-    name = f"relay-{'cdc' if variant == CDC else 'polling'}-{next(_STARTS)}"
-    relay = Child(name, command, ctx.services.work_dir, env={"DATABASE_URL": relay_url})
-    needed = ["relay: ready"] + (["relay: streaming from slot"] if variant == CDC else [])
-    try:
-        _until(
-            lambda: all(word in relay.log() for word in needed) or not relay.alive,
-            START_TIMEOUT,
-            "a relay ready",
-            relay,
-        )
-    except BaseException:
-        relay.stop()
-        raise
-    if not relay.alive:
-        raise ChildError(f"the relay exited at start:\n{relay.log()}")
-    return relay
+    """The relay process, as the relays' role, once it waits for commits (and, with
+    --cdc, streams)."""
+    kind = "cdc" if variant == CDC else "polling"
+    options = ["--cdc"] if variant == CDC else []
+    return example_relay(
+        f"relay-{kind}", ctx.services.work_dir, *options, env={"DATABASE_URL": relay_url}
+    )
 
 
 def _stop_relay(relay: Child, engine: Engine, variant: str) -> None:
@@ -185,42 +167,37 @@ def _stop_relay(relay: Child, engine: Engine, variant: str) -> None:
 
 
 def _latency(ctx: Context, engine: Engine, relay_url: str, variant: str) -> dict[str, Any]:
-    from tasks.orders import notify_customer
-
-    sizes = ctx.sizes
-    count = round(sizes.latency_rate * sizes.latency_seconds)
+    count = round(ctx.sizes.latency_rate * ctx.sizes.latency_seconds)
     empty_tables(engine)
     empty_queue(ctx.redis)
-    outbox = TaskOutbox(ctx.celery_app)
     relay = _start_relay(ctx, relay_url, variant)
-    wait_seconds = sizes.latency_seconds + 60
-    watcher = Child.bench(
-        "watch", ctx.services.work_dir, "watch", "--count", str(count),
-        "--seconds", str(wait_seconds),
-    )  # fmt: skip
-    try:
-        watcher.expect("ready")
-        warm_up(ctx, engine, outbox, notify_customer, timeout=30)
-        _until(lambda: _pending(engine) == 0, 30, "warm-up rows marked")
+    since = ""
+
+    def reset() -> None:
+        """Once the warm-up's rows are marked: count from here on."""
+        nonlocal since
+        wait_for(lambda: _pending(engine) == 0, 30, "warm-up rows marked", interval=0.01)
         with engine.begin() as conn:
             conn.execute(text("SELECT pg_stat_statements_reset()"))
             since = str(conn.execute(_LSN).scalar_one())
-        watcher.send("go")
-        commits = paced_enqueues(engine, outbox, notify_customer, count, sizes.latency_rate)
-        arrivals: dict[str, float] = watcher.result(wait_seconds + 10)["arrivals"]
-        watcher.wait(10)
-        _until(lambda: _pending(engine) == 0, 60, "every row marked dispatched")
+
+    try:
+        paced = commit_to_publish(
+            ctx,
+            engine,
+            variant,
+            watch_seconds=ctx.sizes.latency_seconds + 60,
+            warm_up_seconds=30,
+            before_go=reset,
+        )
+        wait_for(lambda: _pending(engine) == 0, 60, "every row marked dispatched", interval=0.01)
         with engine.connect() as conn:
             statements = float(conn.execute(_QUERIES).scalar_one())
             written = float(conn.execute(_WAL_SINCE, {"since": since}).scalar_one())
     finally:
-        watcher.stop()
         _stop_relay(relay, engine, variant)
-    missing = set(commits) - set(arrivals)
-    if missing:
-        raise RuntimeError(f"{variant}: {len(missing)} of {count} tasks never reached the queue")
     return {
-        "latencies": [(arrivals[t] - committed) * 1000 for t, committed in commits.items()],
+        "latencies": paced.latencies,
         "queries_per_task": statements / count,
         "wal_per_task": written / count,
     }
@@ -242,18 +219,13 @@ def _throughput(ctx: Context, engine: Engine, relay_url: str, variant: str) -> f
             for number in range(first, min(rows, first + 100)):
                 outbox.apply_async(notify_customer, args=(number,), session=session)
             session.commit()
-    watcher = Child.bench(
-        "watch", ctx.services.work_dir, "watch", "--count", str(rows), "--seconds", "600"
-    )
     relay = None
     try:
-        watcher.expect("ready")
-        watcher.send("go")
-        relay = _start_relay(ctx, relay_url, variant)
-        arrivals: dict[str, float] = watcher.result(610)["arrivals"]
-        watcher.wait(10)
+        with watching(ctx.services.work_dir, rows, 600) as watcher:
+            watcher.go()
+            relay = _start_relay(ctx, relay_url, variant)
+            arrivals = watcher.arrivals()
     finally:
-        watcher.stop()
         if relay is not None:
             _stop_relay(relay, engine, variant)
         elif variant == CDC:
@@ -334,12 +306,3 @@ def _pending(engine: Engine) -> int:
             text("SELECT count(*) FROM celery_outbox WHERE status <> 'dispatched'")
         ).scalar_one()
     return found
-
-
-def _until(check: Any, timeout: float, what: str, relay: Child | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            log = f":\n{relay.log()}" if relay is not None else ""
-            raise RuntimeError(f"cdc: not {what} within {timeout:g}s{log}")
-        time.sleep(0.01)

@@ -2,9 +2,7 @@
 
 One relay process publishes the rows of ``bench.count`` (see :mod:`bench.celery_app`)
 while real ``celery worker`` processes run them; the run ends when the last task has
-counted itself done. Workers are ``-P solo``: one OS process each, running tasks in its
-main loop, which on two cores is the sensible unit (a prefork worker with ``-c 1`` adds a
-pool process and a pipe hop per task; more processes than cores only add switching).
+counted itself done. Workers are ``-P solo`` (:func:`bench.children.celery_workers`).
 Both workers start once and stay up: worker A consumes queues one and two, worker B
 only queue two, so a run's rows go to queue one for one worker and to queue two for two.
 
@@ -16,16 +14,14 @@ workers are.
 from __future__ import annotations
 
 import os
-import sys
-import time
 
 from celery import Celery
 
-from bench.celery_app import COUNT_TASK, EXPECTED_KEY, FINISHED_AT_KEY, FINISHED_KEY
-from bench.children import Child, ChildError
+from bench.celery_app import COUNT_TASK, expect_finished, last_finished
+from bench.children import celery_workers
 from bench.context import Context, rotated
 from bench.drains import relays
-from bench.results import RATIO, Figure, ratios
+from bench.results import Figure
 from outbox import OutboxSettings
 
 SECTION = "e2e"
@@ -36,16 +32,15 @@ WARMUP_ROWS = 50
 def run(ctx: Context) -> list[Figure]:
     pid = os.getpid()
     node_a, node_b = f"bench-a-{pid}@localhost", f"bench-b-{pid}@localhost"
-    workers = [
-        _worker(ctx, "worker-a", node_a, f"{QUEUE_ONE},{QUEUE_TWO}"),
-        _worker(ctx, "worker-b", node_b, QUEUE_TWO),
-    ]
     queues = {1: QUEUE_ONE, 2: QUEUE_TWO}
     end_to_end: dict[int, list[float]] = {1: [], 2: []}
     publish: dict[int, list[float]] = {1: [], 2: []}
+    workers = celery_workers(
+        ctx.services.work_dir,
+        ctx.celery_app,
+        [("worker-a", node_a, f"{QUEUE_ONE},{QUEUE_TWO}"), ("worker-b", node_b, QUEUE_TWO)],
+    )
     try:
-        for worker, node in zip(workers, (node_a, node_b), strict=True):
-            _wait_until_ready(ctx.celery_app, worker, node)
         for queue in queues.values():
             _once(ctx, queue, WARMUP_ROWS)
         rows = ctx.sizes.e2e_rows
@@ -82,44 +77,18 @@ def run(ctx: Context) -> list[Figure]:
             note="the relay shares the 2 cores with the workers",
         ),
         Figure(SECTION, "  relay's publish rate in the 2-worker runs", "tasks/s", publish[2]),
-        Figure(SECTION, "ratio 2 workers / 1 worker", RATIO, ratios(end_to_end[2], end_to_end[1])),
     ]
-
-
-def _worker(ctx: Context, name: str, node: str, queues: str) -> Child:
-    command = [
-        sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "--pool", "solo",
-        "--queues", queues, "--hostname", node, "--loglevel", "WARNING",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]  # fmt: skip
-    return Child(name, command, ctx.services.work_dir)
-
-
-def _wait_until_ready(celery_app: Celery, worker: Child, node: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not worker.alive:
-            raise ChildError(f"{worker.name} exited at start-up:\n{worker.log()}")
-        if celery_app.control.ping(destination=[node], timeout=0.5):
-            return
-    raise ChildError(f"{worker.name} did not answer a ping within {timeout:g}s:\n{worker.log()}")
 
 
 def _once(ctx: Context, queue: str, rows: int) -> tuple[float, float]:
     """One run; returns the end-to-end rate and the relay's publish rate (tasks/s)."""
-    ctx.redis.delete(FINISHED_KEY, FINISHED_AT_KEY)
-    ctx.redis.set(EXPECTED_KEY, rows)
+    expect_finished(ctx.redis, rows)
     timed = relays(
         ctx, rows, task_name=COUNT_TASK, options={"queue": queue}, queue=queue, consumed=True
     )
-    deadline = time.monotonic() + 120 + rows / 100
-    while (finished_at := ctx.redis.get(FINISHED_AT_KEY)) is None:
-        if time.monotonic() > deadline:
-            done = int(ctx.redis.get(FINISHED_KEY) or 0)
-            raise RuntimeError(f"only {done} of {rows} tasks finished in time")
-        time.sleep(0.01)
+    finished_at = last_finished(ctx.redis, rows, 120 + rows / 100)
     start = min(report["start"] for report in timed.children)
-    return rows / (float(finished_at) - start), timed.rate
+    return rows / (finished_at - start), timed.rate
 
 
 def _worker_setup(celery_app: Celery) -> str:

@@ -30,31 +30,23 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from bench.children import Child
+from bench.children import Child, example_relay, watching
 from bench.context import Context, rotated
 from bench.data import empty_queue, empty_tables
+from bench.pgbench import Pgbench
 from bench.results import Figure, percentile
-from bench.sections.wakeup import find_pgbench, run_pgbench, start_waiting_relay
 
 SECTION = "fanin"
 
-#: One transaction of a pgbench client: a pending row whose argument is the client.
-_SCRIPT = (
-    "INSERT INTO celery_outbox (task_id, task_name, args, kwargs, options, status, attempts, "
-    "deliveries, created_at, available_at, task_runs) VALUES (gen_random_uuid(), "
-    "'orders.notify_customer', jsonb_build_array(:client_id), '{}', '{}', 'pending', 0, 0, "
-    "now(), now(), 0);\n"
-)
 _ROWS = text("SELECT task_id, args->>0 AS client FROM celery_outbox ORDER BY id")
 
 
 def run(ctx: Context) -> list[Figure]:
-    pgbench = find_pgbench(SECTION)
+    # Each transaction: a pending row whose argument is the client.
+    pgbench = Pgbench(ctx, SECTION, args="jsonb_build_array(:client_id)")
     sizes = ctx.sizes
     writers, rate = sizes.fanin_writers, sizes.fanin_rate
     per_writer = max(1, round(rate * sizes.fanin_seconds / writers))
-    script = ctx.services.work_dir / "fanin-insert.sql"
-    script.write_text(_SCRIPT)
     variants = [f"{count} relay{'s' if count > 1 else ''}" for count in sizes.fanin_relays]
     p50: dict[str, list[float]] = {variant: [] for variant in variants}
     p99: dict[str, list[float]] = {variant: [] for variant in variants}
@@ -74,11 +66,15 @@ def run(ctx: Context) -> list[Figure]:
             relays: list[Child] = []
             try:
                 for number in range(count):
-                    relays.append(start_waiting_relay(ctx, f"relay-fanin-{number}"))
+                    relays.append(
+                        example_relay(
+                            f"relay-fanin-{number}", ctx.services.work_dir, waiting_in=ctx.engine
+                        )
+                    )
                 profile = ctx.services.work_dir / f"fanin-relay-{run_index}.txt"
                 sampled = count == 1
                 with _sampling(relays[0], profile, per_writer * writers / rate, sampled):
-                    run = _measure(ctx, pgbench, script, writers, rate, per_writer)
+                    run = _measure(ctx, pgbench, writers, rate, per_writer)
             finally:
                 for relay in relays:
                     relay.stop()
@@ -136,33 +132,25 @@ class _Run:
     published: float
 
 
-def _measure(
-    ctx: Context, pgbench: str, script: Path, writers: int, rate: float, per_writer: int
-) -> _Run:
+def _measure(ctx: Context, pgbench: Pgbench, writers: int, rate: float, per_writer: int) -> _Run:
     """One run of pgbench, the relays already waiting."""
     count = writers * per_writer
-    work_dir = ctx.services.work_dir
-    logs = work_dir / "fanin-logs"
+    logs = ctx.services.work_dir / "fanin-logs"
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir()
-    watcher = Child.bench(
-        "watch",
-        work_dir,
-        "watch",
-        "--count",
-        str(count),
-        "--seconds",
-        str(count / rate + 60),
-        "--wall-clock",
-    )
-    try:
-        watcher.expect("ready")
-        watcher.send("go")
-        _pgbench(ctx, pgbench, script, writers, rate, per_writer, logs)
-        arrivals: dict[str, float] = watcher.result(count / rate + 70)["arrivals"]
-        watcher.wait(10)
-    finally:
-        watcher.stop()
+    with watching(ctx.services.work_dir, count, count / rate + 60, wall_clock=True) as watcher:
+        watcher.go()
+        options = [
+            "-R",
+            f"{rate:g}",
+            "-t",
+            str(per_writer),
+            "-l",
+            "--log-prefix",
+            str(logs / "log"),
+        ]
+        pgbench.run(writers, options, count / rate + 120)
+        arrivals = watcher.arrivals()
     commits = _commits(logs)
     with ctx.engine.connect() as conn:
         by_client: dict[int, list[str]] = defaultdict(list)
@@ -188,32 +176,14 @@ def _measure(
     )
 
 
-def _pgbench(
-    ctx: Context,
-    pgbench: str,
-    script: Path,
-    writers: int,
-    rate: float,
-    per_writer: int,
-    logs: Path,
-) -> None:
-    options = ["-R", f"{rate:g}", "-t", str(per_writer), "-l", "--log-prefix", str(logs / "log")]
-    done = run_pgbench(ctx, pgbench, script, writers, options, writers * per_writer / rate + 120)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"pgbench exited with {done.returncode}:\n{done.stderr[-4000:]}{done.stdout[-2000:]}"
-        )
-
-
 #: The relay's phases, by the first of these functions a sample's stack passes through
-#: from its root; a sample in none of them is "other".
+#: from its root; a sample in none of them counts in the whole, in no phase.
 PHASES = (
     ("claim (SELECT … FOR UPDATE SKIP LOCKED)", "_claim"),
     ("publish (messages built, Redis pipeline)", "publish"),
     ("mark dispatched (UPDATE)", "mark_dispatched"),
     ("transaction begin and commit, the rest of a batch", "run_once"),
     ("wait for work (NOTIFY, or due-row checks while stood down)", "wait"),
-    ("other", ""),
 )
 #: The relay loop's own frame, whatever the path py-spy prints for its file.
 _LOOP_FUNCTION, _LOOP_FILE = "_loop", "relays/loop.py"
@@ -243,6 +213,7 @@ def _sampling(relay: Child, output: Path, seconds: float, sampled: bool) -> Iter
 def _phase_shares(profile: Path) -> dict[str, float]:
     """Each phase's share (%) of the samples of the relay loop's thread."""
     counts = dict.fromkeys((phase for phase, _ in PHASES), 0)
+    total = 0
     for line in profile.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
@@ -250,11 +221,10 @@ def _phase_shares(profile: Path) -> dict[str, float]:
             continue  # another thread: maintenance, heartbeat
         # "Class.method (path:line)": the method's name.
         names = [frame.split(" (", 1)[0].rsplit(".", 1)[-1] for frame in frames]
-        phase = next(
-            (phase for phase, function in PHASES if function and function in names), "other"
-        )
-        counts[phase] += int(count)
-    total = sum(counts.values())
+        phase = next((phase for phase, function in PHASES if function in names), None)
+        if phase is not None:
+            counts[phase] += int(count)
+        total += int(count)
     if not total:
         raise RuntimeError(f"py-spy saw no sample of the relay loop ({profile})")
     return {phase: 100 * count / total for phase, count in counts.items()}

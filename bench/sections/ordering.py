@@ -1,8 +1,7 @@
 """Per-key ordering: what ordering keys cost the claim, and the end-to-end rate with them.
 
-**Claim cost.** The time to claim one batch (the relay's own ``claim_query()``, in a
-transaction rolled back, as in the backlog section) from two tables of the same size,
-each in a schema of its own, timed in turn round after round in a rotated order:
+**Claim cost.** The time to claim one batch (:mod:`bench.claims`, as in the backlog
+section) from two tables of the same size, each in a schema of its own:
 
 - *keyed*: ``ordering_keys`` keys with ``ordering_rows_per_key`` rows each (10,000 keys of
   100, 1,000,000 rows): per key, seq 1 is pending, due and holds the key, seqs 2 and up
@@ -18,8 +17,7 @@ adds, the held rows behind the keys (in indexes of their own) and a key and a se
 each claimed row. A million unkeyed pending rows would instead compare with a claim index
 a hundred times the size, a backlog of due work rather than the cost of keys. Rows are
 inserted server-side with the table's indexes built afterwards (much faster than through
-them), then VACUUM ANALYZE; the server's execution time (``EXPLAIN ANALYZE``) is timed in
-the same rounds, as the backlog section does.
+them), then VACUUM ANALYZE.
 
 **End to end.** ``ordering_e2e_rows`` rows of ``bench.count`` (:mod:`bench.celery_app`)
 through one relay to two ``-P solo`` workers, without a key and over
@@ -27,11 +25,10 @@ through one relay to two ``-P solo`` workers, without a key and over
 tasks), runs in turn in a rotated order. The rate is rows over the time from the rows'
 commit (one INSERT, with the keys' rows for the keyed run) until the last task has
 counted itself done. The relay is a :class:`~outbox.relays.loop.RelayLoop` in a process
-of its own (``python -m bench.sections.ordering relay``: what ``flask outbox relay``
-runs, with ``bench.count`` registered): a key's next task becomes pending only when the
-one before it has finished, and the NOTIFY of that hand-over wakes the relay, so a
-relay that drains once and exits would not do. The workers and the relay stay up for
-the whole section.
+of its own (``python -m bench.child loop``: what ``flask outbox relay`` runs, with
+``bench.count`` registered): a key's next task becomes pending only when the one before
+it has finished, and the NOTIFY of that hand-over wakes the relay. The workers and the
+relay stay up for the whole section.
 
 ``bench.count`` is not an idempotent consumer: the workers' lifecycle tracking (on in
 the example's configuration, connected at ``worker_init`` by ``tasks.application``)
@@ -46,13 +43,9 @@ holding it, and no task of a key started before the one ahead of it had finished
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import signal
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,22 +55,17 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from bench.celery_app import COUNT_TASK, EXPECTED_KEY, FINISHED_AT_KEY, FINISHED_KEY
-from bench.children import Child, monotonic
+from bench.celery_app import COUNT_TASK, expect_finished, last_finished
+from bench.children import Child, celery_workers, monotonic
+from bench.claims import CLAIM, SERVER, time_claims
 from bench.context import Context, rotated
-from bench.data import add_dispatched, add_pending, empty_queue, schema_of_its_own
-from bench.results import RATIO, Figure, Target, median, ratios
-
-# The claim and the workers exactly as the backlog and e2e sections time and start them.
-from bench.sections.backlog import _claim, _server_time
-from bench.sections.e2e import _wait_until_ready, _worker
+from bench.data import add_dispatched, add_pending, analyze, empty_queue, schemas_of_its_own
+from bench.results import RATIO, Figure, Target, ratios
 from outbox import OutboxSettings, Relay
 
 SECTION = "ordering"
 KEYED, UNKEYED = "keyed", "unkeyed"
 QUEUE = "bench.ordering"
-#: Claim rounds before measuring: caches and connections.
-WARMUP_ROUNDS = 5
 #: The warm-up runs' rows, and the keys of the keyed one.
 WARMUP_ROWS, WARMUP_KEYS = 100, 10
 #: The task the claim tables' rows are of (never published).
@@ -117,42 +105,15 @@ def _claim_cost(ctx: Context) -> list[Figure]:
     keys, per_key = ctx.sizes.ordering_keys, ctx.sizes.ordering_rows_per_key
     if keys < settings.batch_size:
         raise ValueError(f"ordering_keys={keys} must fill a batch of {settings.batch_size}")
-    variants = (KEYED, UNKEYED)
-    engines: dict[str, Engine] = {}
-    connections: dict[str, Connection] = {}
-    timings: dict[str, list[float]] = {variant: [] for variant in variants}
-    samples: dict[str, list[list[float]]] = {variant: [] for variant in variants}
-    server: dict[str, list[float]] = {variant: [] for variant in variants}
-    try:
+    with schemas_of_its_own(ctx.engine, ctx.services.database_url) as make:
         ctx.say(f"ordering: filling {keys:,} keys of {per_key} rows, and as many unkeyed rows")
-        engines[KEYED] = _fill_keyed_table(ctx, keys, per_key)
-        engines[UNKEYED] = _fill_unkeyed_table(ctx, keys, per_key)
-        for variant in variants:
-            connections[variant] = engines[variant].connect()
-        _check_claims(connections[KEYED], relay)
-        for run_index in range(ctx.repeats):
-            ctx.say(f"ordering: claims, run {run_index + 1}/{ctx.repeats}")
-            claims: dict[str, list[float]] = {variant: [] for variant in variants}
-            executions: dict[str, list[float]] = {variant: [] for variant in variants}
-            for round_index in range(ctx.sizes.claim_rounds + WARMUP_ROUNDS):
-                for variant in rotated(variants, round_index):
-                    elapsed = _claim(connections[variant], relay, settings.batch_size)
-                    executed = _server_time(connections[variant], relay)
-                    if round_index >= WARMUP_ROUNDS:
-                        claims[variant].append(elapsed)
-                        executions[variant].append(executed)
-            for variant in variants:
-                timings[variant].append(median(claims[variant]))
-                samples[variant].append(claims[variant])
-                server[variant].append(median(executions[variant]))
-    finally:
-        for conn in connections.values():
-            conn.close()
-        for engine in engines.values():
-            engine.dispose()
-        with ctx.engine.begin() as conn:
-            for variant in variants:
-                conn.execute(text(f"DROP SCHEMA IF EXISTS {_schema(variant)} CASCADE"))
+        tables = {
+            KEYED: _fill_keyed_table(make(f"bench_ordering_{KEYED}"), keys, per_key),
+            UNKEYED: _fill_unkeyed_table(make(f"bench_ordering_{UNKEYED}"), keys, per_key),
+        }
+        _check_claims(tables[KEYED], relay)
+        timed = time_claims(ctx, "ordering: claims", tables, relay, settings.batch_size)
+    claims, server = timed.medians[CLAIM], timed.medians[SERVER]
     total = keys * per_key
     batch = settings.batch_size
     return [
@@ -160,24 +121,24 @@ def _claim_cost(ctx: Context) -> list[Figure]:
             SECTION,
             f"claim {batch} rows, keyed: {keys:,} keys of {per_key} rows",
             "ms",
-            timings[KEYED],
+            claims[KEYED],
             note=f"per key 1 pending holding it, {per_key - 1} held; median of "
             f"{ctx.sizes.claim_rounds} claims per run, as the relay sees them",
-            samples=samples[KEYED],
+            samples=timed.samples[CLAIM][KEYED],
         ),
         Figure(
             SECTION,
             f"claim {batch} rows, unkeyed: {total:,} rows",
             "ms",
-            timings[UNKEYED],
+            claims[UNKEYED],
             note=f"{keys:,} pending due, {total - keys:,} dispatched",
-            samples=samples[UNKEYED],
+            samples=timed.samples[CLAIM][UNKEYED],
         ),
         Figure(
             SECTION,
             "ratio keyed / unkeyed claim",
             RATIO,
-            ratios(timings[KEYED], timings[UNKEYED]),
+            ratios(claims[KEYED], claims[UNKEYED]),
             target=Target.at_most(1.5, RATIO),
         ),
         Figure(
@@ -188,31 +149,22 @@ def _claim_cost(ctx: Context) -> list[Figure]:
             note="EXPLAIN ANALYZE execution time",
         ),
         Figure(SECTION, "  server execution, unkeyed", "ms", server[UNKEYED]),
-        Figure(
-            SECTION, "  server ratio keyed / unkeyed", RATIO, ratios(server[KEYED], server[UNKEYED])
-        ),
     ]
 
 
-def _schema(variant: str) -> str:
-    return f"bench_ordering_{variant}"
-
-
-def _fill_keyed_table(ctx: Context, keys: int, per_key: int) -> Engine:
-    engine = schema_of_its_own(ctx.engine, ctx.services.database_url, _schema(KEYED))
+def _fill_keyed_table(engine: Engine, keys: int, per_key: int) -> Engine:
     with _indexes_built_after(engine), engine.begin() as conn:
         _insert_keyed(conn, keys, per_key, CLAIM_TASK)
-    _vacuum_analyze(engine)
+    analyze(engine, "celery_outbox", "celery_outbox_keys", vacuum=True)
     return engine
 
 
-def _fill_unkeyed_table(ctx: Context, keys: int, per_key: int) -> Engine:
+def _fill_unkeyed_table(engine: Engine, keys: int, per_key: int) -> Engine:
     """As many rows as the keyed table, as many of them claimable as it has keys."""
-    engine = schema_of_its_own(ctx.engine, ctx.services.database_url, _schema(UNKEYED))
     with _indexes_built_after(engine):
         add_dispatched(engine, keys * (per_key - 1), CLAIM_TASK)
         add_pending(engine, keys, CLAIM_TASK, analyze_after=False)
-    _vacuum_analyze(engine)
+    analyze(engine, "celery_outbox", "celery_outbox_keys", vacuum=True)
     return engine
 
 
@@ -260,15 +212,9 @@ def _insert_keyed(
     conn.execute(text(_KEYED), {**values, "task_name": task, "options": json.dumps(options or {})})
 
 
-def _vacuum_analyze(engine: Engine) -> None:
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE celery_outbox"))
-        conn.execute(text("VACUUM ANALYZE celery_outbox_keys"))
-
-
-def _check_claims(conn: Connection, relay: Relay) -> None:
+def _check_claims(engine: Engine, relay: Relay) -> None:
     """The keyed table's claim takes the tasks holding their keys, and nothing else."""
-    with conn.begin() as transaction:
+    with engine.connect() as conn, conn.begin() as transaction:
         rows = conn.execute(relay.claim_query()).all()
         transaction.rollback()
     if not rows or any(row.ordering_key is None or row.ordering_seq != 1 for row in rows):
@@ -294,24 +240,22 @@ class Outcome:
 
 def _end_to_end(ctx: Context) -> list[Figure]:
     _check_tracking()
-    pid = os.getpid()
-    nodes = [f"bench-ordering-a-{pid}@localhost", f"bench-ordering-b-{pid}@localhost"]
-    workers = [
-        _worker(ctx, f"ordering-worker-{index}", node, QUEUE) for index, node in enumerate(nodes)
-    ]
-    relay = Child(
-        "ordering-relay",
-        [sys.executable, "-m", "bench.sections.ordering", "relay"],
-        ctx.services.work_dir,
-        talk=True,
-    )
     rows, keys = ctx.sizes.ordering_e2e_rows, ctx.sizes.ordering_e2e_keys
     if rows % keys:
         raise ValueError(f"ordering_e2e_rows={rows} must be a multiple of the {keys} keys")
+    pid = os.getpid()
+    relay = Child.bench("ordering-relay", ctx.services.work_dir, "loop")
     outcomes: dict[str, list[Outcome]] = {KEYED: [], UNKEYED: []}
+    workers: list[Child] = []
     try:
-        for worker, node in zip(workers, nodes, strict=True):
-            _wait_until_ready(ctx.celery_app, worker, node)
+        workers = celery_workers(
+            ctx.services.work_dir,
+            ctx.celery_app,
+            [
+                (f"ordering-worker-{index}", f"bench-ordering-{name}-{pid}@localhost", QUEUE)
+                for index, name in enumerate("ab")
+            ],
+        )
         relay.expect("ready")
         _once(ctx, relay, workers, WARMUP_ROWS, None)
         _once(ctx, relay, workers, WARMUP_ROWS, WARMUP_KEYS)
@@ -384,8 +328,7 @@ def _once(ctx: Context, relay: Child, workers: list[Child], rows: int, keys: int
     with ctx.engine.begin() as conn:
         conn.execute(text("TRUNCATE celery_outbox, celery_outbox_keys"))
     empty_queue(ctx.redis, QUEUE)
-    ctx.redis.delete(FINISHED_KEY, FINISHED_AT_KEY)
-    ctx.redis.set(EXPECTED_KEY, rows)
+    expect_finished(ctx.redis, rows)
     relay_cpu, workers_cpu = _cpu_seconds(relay), sum(map(_cpu_seconds, workers))
     options = {"queue": QUEUE}
     if keys is None:
@@ -394,19 +337,12 @@ def _once(ctx: Context, relay: Child, workers: list[Child], rows: int, keys: int
         with ctx.engine.begin() as conn:
             _insert_keyed(conn, keys, rows // keys, COUNT_TASK, options)
     committed = monotonic()
-    deadline = time.monotonic() + 120 + rows / 50
-    while (finished_at := ctx.redis.get(FINISHED_AT_KEY)) is None:
-        if time.monotonic() > deadline:
-            done = int(ctx.redis.get(FINISHED_KEY) or 0)
-            raise RuntimeError(
-                f"only {done} of {rows} tasks finished in time ({_where(ctx.engine)})"
-            )
-        time.sleep(0.01)
+    finished_at = last_finished(ctx.redis, rows, 120 + rows / 50, lambda: _where(ctx.engine))
     relay_cpu = _cpu_seconds(relay) - relay_cpu
     workers_cpu = sum(map(_cpu_seconds, workers)) - workers_cpu
     _check_run(ctx.engine, rows, keyed=keys is not None)
     return Outcome(
-        rate=rows / (float(finished_at) - committed),
+        rate=rows / (finished_at - committed),
         relay_cpu=relay_cpu * 1000 / rows,
         workers_cpu=workers_cpu * 1000 / rows,
         hand_over=_hand_over_ms(ctx.engine) if keys is not None else None,
@@ -487,36 +423,3 @@ def _check_run(engine: Engine, rows: int, *, keyed: bool, timeout: float = 30) -
         found = conn.execute(overlapping).scalar_one()
     if found:
         raise RuntimeError(f"{found} keyed task(s) started before the one before had finished")
-
-
-# -- the relay process ----------------------------------------------------------------
-
-
-def _relay_process() -> int:
-    """A :class:`~outbox.RelayLoop` on the run's database with ``bench.count``
-    registered, as ``flask outbox relay`` runs one: prints ``ready`` once it waits for
-    commits (LISTENing), and stops at SIGTERM after the batch in hand."""
-    from celery.result import _set_task_join_will_block  # type: ignore[attr-defined]
-    from sqlalchemy import create_engine
-
-    from bench.celery_app import app
-    from outbox.relays.loop import RelayLoop
-
-    # Like the relay command: this process never waits for task results.
-    _set_task_join_will_block(True)
-    engine = create_engine(os.environ["DATABASE_URL"])
-    loop = RelayLoop(Relay(engine, app, OutboxSettings()))
-
-    def stop(_signum: int, _frame: Any) -> None:
-        threading.Thread(target=loop.stop, name="relay-stop").start()
-
-    signal.signal(signal.SIGTERM, stop)
-    loop.run(on_ready=lambda _how: print("ready", flush=True))
-    return 0
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m bench.sections.ordering")
-    parser.add_argument("mode", choices=["relay"])
-    parser.parse_args()
-    raise SystemExit(_relay_process())

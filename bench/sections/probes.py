@@ -36,27 +36,23 @@ same backlog of a busy outbox, relative to one moment ``now``:
 Every probe reads the clock ``now`` (the relay's is fixed to it), so the backlog looks
 the same at every level and at every round however long the run takes. Rows are
 inserted server-side, then VACUUM ANALYZE. The levels are timed in turn, round after
-round, in a rotated order: a slower moment of the machine then hits every level alike.
+round (:func:`bench.timing.in_rounds`).
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from celery import Celery
-from celery.result import (  # type: ignore[attr-defined]
-    _set_task_join_will_block,
-    task_join_will_block,
-)
 from sqlalchemy import Engine, text
 
-from bench.context import Context, rotated
-from bench.data import add_dispatched, empty_queue, schema_of_its_own
-from bench.results import RATIO, Figure, Target, median, ratios
+from bench.celery_app import result_subscriptions
+from bench.context import Context
+from bench.data import add_dispatched, analyze, empty_queue, schemas_of_its_own
+from bench.results import RATIO, Figure, Target, ratios
+from bench.timing import Rounds, in_rounds, timed_ms
 from outbox import ConfirmationResult, Relay, collect_stats
 from outbox.admin.search import latest_dead
 from outbox.clock import utcnow
@@ -74,10 +70,6 @@ TASKS = ("orders.notify_customer", "orders.reserve_stock", "orders.prepare_shipm
 AWAITING_AGES = (timedelta(seconds=3 * LOST_AFTER), timedelta(seconds=LOST_AFTER / 2))
 #: Dead rows the dashboard lists.
 DEAD_LISTED = 20
-#: Rounds run before measuring: caches, connections, the relay's first look at the broker.
-WARMUP_ROUNDS = 5
-
-T = TypeVar("T")
 
 # Rows of the example's three tasks in turn, relative to the bound ``:now``.
 _PENDING = """
@@ -123,7 +115,12 @@ SELECT CAST(task_id AS text), task_name, dispatched_at
 FROM celery_outbox WHERE status = 'dispatched' AND confirm_deadline IS NULL
 """
 
-_TABLES = "celery_outbox, celery_outbox_processed, celery_outbox_brokers, celery_outbox_relays"
+_TABLES = (
+    "celery_outbox",
+    "celery_outbox_processed",
+    "celery_outbox_brokers",
+    "celery_outbox_relays",
+)
 
 
 def run(ctx: Context) -> list[Figure]:
@@ -131,47 +128,31 @@ def run(ctx: Context) -> list[Figure]:
     now = utcnow()
     engines: dict[int, Engine] = {}
     relays: dict[int, Relay] = {}
-    timings: dict[str, dict[int, list[float]]] = {p: {n: [] for n in levels} for p in PROBES}
-    samples: dict[str, dict[int, list[list[float]]]] = {p: {n: [] for n in levels} for p in PROBES}
-    # As in the relay command: no result subscriptions for what the fill publishes.
-    joined = task_join_will_block()
-    _set_task_join_will_block(True)
     try:
-        for level in levels:
-            ctx.say(f"probes: filling {level:,} dispatched rows beside the backlog")
-            engines[level] = _fill(ctx, level, now)
-            relays[level] = Relay(engines[level], ctx.celery_app, clock=lambda: now)
-            _check(engines[level], now)
-        for run_index in range(ctx.repeats):
-            ctx.say(f"probes: run {run_index + 1}/{ctx.repeats}")
-            calls: dict[str, dict[int, list[float]]] = {p: {n: [] for n in levels} for p in PROBES}
-            for round_index in range(ctx.sizes.probe_rounds + WARMUP_ROUNDS):
-                for level in rotated(levels, round_index):
-                    for probe, elapsed in _probe(engines[level], relays[level], now).items():
-                        if round_index >= WARMUP_ROUNDS:
-                            calls[probe][level].append(elapsed)
-            for probe in PROBES:
-                for level in levels:
-                    timings[probe][level].append(median(calls[probe][level]))
-                    samples[probe][level].append(calls[probe][level])
-    finally:
-        _set_task_join_will_block(joined)
-        for engine in engines.values():
-            engine.dispose()
-        with ctx.engine.begin() as conn:
+        # As in the relay command: no result subscriptions for what the fill publishes.
+        with (
+            result_subscriptions(False),
+            schemas_of_its_own(ctx.engine, ctx.services.database_url) as make,
+        ):
             for level in levels:
-                conn.execute(text(f"DROP SCHEMA IF EXISTS {_schema(level)} CASCADE"))
+                ctx.say(f"probes: filling {level:,} dispatched rows beside the backlog")
+                engines[level] = _fill(ctx, make(f"bench_probes_{level}"), level, now)
+                relays[level] = Relay(engines[level], ctx.celery_app, clock=lambda: now)
+                _check(engines[level], now)
+            timed = in_rounds(
+                ctx,
+                SECTION,
+                levels,
+                ctx.sizes.probe_rounds,
+                lambda level: _probe(engines[level], relays[level], now),
+            )
+    finally:
         for level in levels:
             empty_queue(ctx.redis, _queue(level))
-    return _figures(ctx, levels, timings, samples)
+    return _figures(ctx, levels, timed)
 
 
-def _figures(
-    ctx: Context,
-    levels: tuple[int, ...],
-    timings: dict[str, dict[int, list[float]]],
-    samples: dict[str, dict[int, list[list[float]]]],
-) -> list[Figure]:
+def _figures(ctx: Context, levels: tuple[int, ...], timed: Rounds[int]) -> list[Figure]:
     notes = {
         STATS: (
             f"median of {ctx.sizes.probe_rounds} calls per run, as the caller sees it; beside "
@@ -192,9 +173,9 @@ def _figures(
                 SECTION,
                 f"{probe} beside {level:,} dispatched",
                 "ms",
-                timings[probe][level],
+                timed.medians[probe][level],
                 note=notes[probe] if level == smallest else "",
-                samples=samples[probe][level],
+                samples=timed.samples[probe][level],
             )
             for level in levels
         )
@@ -203,15 +184,11 @@ def _figures(
                 SECTION,
                 f"  {probe}: ratio {largest:,} / {smallest:,} dispatched",
                 RATIO,
-                ratios(timings[probe][largest], timings[probe][smallest]),
+                ratios(timed.medians[probe][largest], timed.medians[probe][smallest]),
                 target=Target.at_most(1.5, RATIO),
             )
         )
     return figures
-
-
-def _schema(level: int) -> str:
-    return f"bench_probes_{level}"
 
 
 def _queue(level: int) -> str:
@@ -219,10 +196,8 @@ def _queue(level: int) -> str:
     return f"bench.probes.{level}"
 
 
-def _fill(ctx: Context, level: int, now: datetime) -> Engine:
-    """Make the level's schema and tables and fill them (see the module docstring); return
-    an engine whose connections find those tables first (``search_path``)."""
-    engine = schema_of_its_own(ctx.engine, ctx.services.database_url, _schema(level))
+def _fill(ctx: Context, engine: Engine, level: int, now: datetime) -> Engine:
+    """Fill the level's tables (see the module docstring)."""
     add_dispatched(engine, level)
     due = now - timedelta(minutes=1)
     for age in AWAITING_AGES:
@@ -236,8 +211,7 @@ def _fill(ctx: Context, level: int, now: datetime) -> Engine:
     _insert(engine, _DEAD, now, DEAD_ROWS)
     with engine.begin() as conn:
         conn.execute(text(_PROCESSED))
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f"VACUUM ANALYZE {_TABLES}"))
+    analyze(engine, *_TABLES, vacuum=True)
     return engine
 
 
@@ -267,17 +241,11 @@ def _check(engine: Engine, now: datetime) -> None:
 
 def _probe(engine: Engine, relay: Relay, now: datetime) -> dict[str, float]:
     """One call of each probe, each checked; milliseconds."""
-    _, stats_ms = _timed(lambda: collect_stats(engine, now))
-    dead, dead_ms = _timed(lambda: latest_dead(engine, limit=DEAD_LISTED))
-    result, confirmation_ms = _timed(relay.confirmation.run_once)
+    _, stats_ms = timed_ms(lambda: collect_stats(engine, now))
+    dead, dead_ms = timed_ms(lambda: latest_dead(engine, limit=DEAD_LISTED))
+    result, confirmation_ms = timed_ms(relay.confirmation.run_once)
     if len(dead) != DEAD_LISTED:
         raise RuntimeError(f"latest_dead listed {len(dead)} rows, not {DEAD_LISTED}")
     if result != ConfirmationResult():
         raise RuntimeError(f"the confirmation pass changed rows: {result}")
     return {STATS: stats_ms, DEAD: dead_ms, CONFIRMATION: confirmation_ms}
-
-
-def _timed(call: Callable[[], T]) -> tuple[T, float]:
-    start = time.perf_counter()
-    value = call()
-    return value, (time.perf_counter() - start) * 1000

@@ -14,10 +14,9 @@ Measured in this process through the relay's public API only:
   first statement and between the others). Made for a drain of ``profile_rows`` rows
   (µs per message), and for drains that each find a single due row (µs per drain): the
   fixed cost the relay process pays every time a commit wakes it, the floor under its
-  latency.
-- **cProfile** of one more big drain (top functions by cumulative and by own time, and
-  the functions of interest on the publish path, µs per message), and of the one-row
-  drains (top functions, µs per drain).
+  latency. "Other SQL" is timed only to tell the rest from it, and the rest is
+  reported only for the one-row drains.
+- **cProfile** of one more big drain: the functions on the publish path, µs per message.
 """
 
 from __future__ import annotations
@@ -31,13 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from celery.result import (  # type: ignore[attr-defined]
-    _set_task_join_will_block,
-    task_join_will_block,
-)
 from rich.table import Table
 from sqlalchemy import Engine, create_engine, event
 
+from bench.celery_app import result_subscriptions
 from bench.children import ROOT
 from bench.context import Context
 from bench.data import add_pending, count_status, empty_queue, empty_tables
@@ -55,32 +51,24 @@ CLAIM, PUBLISH, MARK, COMMIT, OTHER, REST, TOTAL = (
     "whole drain",
 )
 PARTS = (CLAIM, PUBLISH, MARK, COMMIT, OTHER, REST, TOTAL)
-#: Functions on the publish path worth seeing even when they are not in the top lists:
-#: (file name ending, function name).
-OF_INTEREST = (
-    ("outbox/transports/kombu.py", "publish"),
+#: The parts reported for a big drain, and for a one-row drain.
+BIG_PARTS = (CLAIM, PUBLISH, MARK, COMMIT, TOTAL)
+SINGLE_PARTS = (CLAIM, PUBLISH, MARK, COMMIT, REST, TOTAL)
+#: The functions on the publish path: (file name ending, function name).
+PUBLISH_PATH = (
     ("outbox/transports/kombu.py", "_hand_over"),
     ("outbox/transports/messages.py", "build"),
     ("outbox/enqueue/serialization.py", "from_wire"),
     ("celery/app/routes.py", "route"),
     ("celery/app/amqp.py", "as_task_v2"),
     ("celery/utils/saferepr.py", "saferepr"),
-    ("outbox/tracing.py", "publishing_context"),
     ("kombu/messaging.py", "publish"),
-    ("kombu/messaging.py", "_publish"),
-    ("kombu/common.py", "maybe_declare"),
     ("kombu/abstract.py", "__copy__"),
     ("kombu/serialization.py", "dumps"),
     ("celery/events/dispatcher.py", "send"),
     ("celery/events/dispatcher.py", "publish"),
-    ("kombu/transport/redis.py", "_put"),
-    ("kombu/transport/redis.py", "_put_fanout"),
     ("redis/client.py", "execute"),
-    ("prometheus_client/metrics.py", "labels"),
-    ("outbox/consumers/idempotency.py", "confirms_processing"),
-    ("sqlalchemy/engine/base.py", "execute"),
 )
-TOP = 20
 
 
 def run(ctx: Context) -> list[Figure]:
@@ -89,38 +77,30 @@ def run(ctx: Context) -> list[Figure]:
     settings = OutboxSettings()
     engine = create_engine(ctx.services.database_url)
     relay = Relay(engine, ctx.celery_app, settings)
+    big: list[dict[str, float]] = []
+    single: list[dict[str, float]] = []
+    profile = cProfile.Profile()
     # As in the relay command and a worker running the sweep: no result subscriptions.
-    joined = task_join_will_block()
-    _set_task_join_will_block(True)
     try:
-        _drain(ctx, relay, 2 * settings.batch_size)  # connections, producer pool, queue
-        big: list[dict[str, float]] = []
-        single: list[dict[str, float]] = []
-        for run_index in range(ctx.repeats):
-            ctx.say(f"profile: run {run_index + 1}/{ctx.repeats}: a drain of {rows:,} rows")
-            with _timeline(engine) as timeline:
-                _drain(ctx, relay, rows, timeline=timeline)
-            big.append(timeline.split(rows))
-            ctx.say(f"profile: run {run_index + 1}/{ctx.repeats}: {drains} one-row drains")
-            splits = []
-            for _ in range(drains):
+        with result_subscriptions(False):
+            _drain(ctx, relay, 2 * settings.batch_size)  # connections, producer pool, queue
+            for run_index in range(ctx.repeats):
+                ctx.say(f"profile: run {run_index + 1}/{ctx.repeats}: a drain of {rows:,} rows")
                 with _timeline(engine) as timeline:
-                    _drain(ctx, relay, 1, timeline=timeline)
-                splits.append(timeline.split(1))
-            single.append({name: median([split[name] for split in splits]) for name in PARTS})
-        ctx.say(f"profile: cProfile of a drain of {rows:,} rows and of {drains} one-row drains")
-        big_profile = cProfile.Profile()
-        _drain(ctx, relay, rows, profile=big_profile)
-        single_profile = cProfile.Profile()
-        for _ in range(drains):
-            _drain(ctx, relay, 1, profile=single_profile)
+                    _drain(ctx, relay, rows, timeline=timeline)
+                big.append(timeline.split(rows))
+                ctx.say(f"profile: run {run_index + 1}/{ctx.repeats}: {drains} one-row drains")
+                splits = []
+                for _ in range(drains):
+                    with _timeline(engine) as timeline:
+                        _drain(ctx, relay, 1, timeline=timeline)
+                    splits.append(timeline.split(1))
+                single.append({name: median([split[name] for split in splits]) for name in PARTS})
+            ctx.say(f"profile: cProfile of a drain of {rows:,} rows")
+            _drain(ctx, relay, rows, profile=profile)
     finally:
-        _set_task_join_will_block(joined)
         engine.dispose()
-    ctx.extra["profile"] = {
-        "per_message": _report(ctx, pstats.Stats(big_profile), rows, "message", detail=True),
-        "per_one_row_drain": _report(ctx, pstats.Stats(single_profile), drains, "drain"),
-    }
+    ctx.extra["profile"] = {"publish_path": _publish_path(ctx, pstats.Stats(profile), rows)}
     big_note = f"drain of {rows:,} rows, batch size {settings.batch_size}, no profiler"
     single_note = f"median of {drains} drains finding one due row each"
     return [
@@ -130,9 +110,9 @@ def run(ctx: Context) -> list[Figure]:
                 name,
                 "µs/msg",
                 [split[name] for split in big],
-                note=big_note if name == PARTS[0] else "",
+                note=big_note if name == BIG_PARTS[0] else "",
             )
-            for name in PARTS
+            for name in BIG_PARTS
         ),
         *(
             Figure(
@@ -140,9 +120,9 @@ def run(ctx: Context) -> list[Figure]:
                 f"one-row drain: {name}",
                 "µs/drain",
                 [split[name] for split in single],
-                note=single_note if name == PARTS[0] else "",
+                note=single_note if name == SINGLE_PARTS[0] else "",
             )
-            for name in PARTS
+            for name in SINGLE_PARTS
         ),
     ]
 
@@ -261,47 +241,31 @@ def _where(key: tuple[str, int, str]) -> str:
     return f"{path}:{line}({function})" if line else f"{path}({function})"
 
 
-def _report(
-    ctx: Context, stats: pstats.Stats, count: int, unit: str, *, detail: bool = False
-) -> dict[str, Any]:
-    """Print the top functions (and with ``detail``, the top by own time and the functions
-    of interest), in µs per ``unit``; return them for the JSON."""
+def _publish_path(ctx: Context, stats: pstats.Stats, rows: int) -> list[dict[str, Any]]:
+    """Print the publish path's functions, in µs per message; return them for the JSON."""
     raw: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
-    entries: dict[tuple[str, int, str], dict[str, Any]] = {
-        key: {
+    entries: list[dict[str, Any]] = [
+        {
             "function": _where(key),
             "calls": calls,
-            f"own_us_per_{unit}": own / count * 1e6,
-            f"cumulative_us_per_{unit}": cumulative / count * 1e6,
+            "own_us_per_message": own / rows * 1e6,
+            "cumulative_us_per_message": cumulative / rows * 1e6,
         }
+        for suffix, function in PUBLISH_PATH
         for key, (_primitive, calls, own, cumulative, _callers) in raw.items()
-    }
-    own_key, cumulative_key = f"own_us_per_{unit}", f"cumulative_us_per_{unit}"
-    ranked = sorted(entries.values(), key=lambda entry: -entry[cumulative_key])
-    report: dict[str, Any] = {f"{unit}s": count, "by_cumulative": ranked[:TOP]}
-    tables = [(f"cProfile, top {TOP} by cumulative time, µs per {unit}", ranked[:TOP])]
-    if detail:
-        report["by_own"] = sorted(entries.values(), key=lambda entry: -entry[own_key])[:TOP]
-        report["publish_path"] = [
-            entry
-            for suffix, function in OF_INTEREST
-            for key, entry in entries.items()
-            if key[0].endswith(suffix) and key[2] == function
-        ]
-        tables.append((f"cProfile, top {TOP} by own time, µs per {unit}", report["by_own"]))
-        tables.append((f"cProfile, the publish path, µs per {unit}", report["publish_path"]))
-    for title, chosen in tables:
-        table = Table(title=f"{title} ({count:,} {unit}s)")
-        table.add_column("function")
-        table.add_column("calls", justify="right")
-        table.add_column("own", justify="right")
-        table.add_column("cumulative", justify="right")
-        for entry in chosen:
-            table.add_row(
-                entry["function"],
-                f"{entry['calls']:,}",
-                f"{entry[own_key]:.1f}",
-                f"{entry[cumulative_key]:.1f}",
-            )
-        ctx.out.print(table)
-    return report
+        if key[0].endswith(suffix) and key[2] == function
+    ]
+    table = Table(title=f"cProfile, the publish path, µs per message ({rows:,} messages)")
+    table.add_column("function")
+    table.add_column("calls", justify="right")
+    table.add_column("own", justify="right")
+    table.add_column("cumulative", justify="right")
+    for entry in entries:
+        table.add_row(
+            entry["function"],
+            f"{entry['calls']:,}",
+            f"{entry['own_us_per_message']:.1f}",
+            f"{entry['cumulative_us_per_message']:.1f}",
+        )
+    ctx.out.print(table)
+    return entries

@@ -8,7 +8,7 @@ order within every repeat, so each ratio compares runs made moments apart.
 from __future__ import annotations
 
 from bench.context import Context, rotated
-from bench.drains import Timed, plain_loop, relays
+from bench.drains import plain_loop, relays
 from bench.results import RATIO, Figure, Target, ratios
 from outbox import OutboxSettings
 
@@ -19,7 +19,6 @@ RELAY1, RELAY2, PLAIN = "relay1", "relay2", "plain"
 def run(ctx: Context) -> list[Figure]:
     rows = ctx.sizes.relay_rows
     rates: dict[str, list[float]] = {RELAY1: [], RELAY2: [], PLAIN: []}
-    runs: dict[str, list[Timed]] = {name: [] for name in rates}
     for run_index in range(ctx.repeats):
         for variant in rotated(list(rates), run_index):
             ctx.say(f"relay: run {run_index + 1}/{ctx.repeats}, {variant}, {rows:,} rows")
@@ -28,10 +27,6 @@ def run(ctx: Context) -> list[Figure]:
             else:
                 timed = relays(ctx, rows, processes=1 if variant == RELAY1 else 2)
             rates[variant].append(timed.rate)
-            runs[variant].append(timed)
-    ctx.extra.setdefault("relay", {})["runs"] = {
-        name: [timed.children for timed in timed_runs] for name, timed_runs in runs.items()
-    }
     batch = f"batch size {OutboxSettings().batch_size}, {rows:,} rows"
     return [
         Figure(SECTION, "one relay process", "tasks/s", rates[RELAY1], note=batch),

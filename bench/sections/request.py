@@ -19,12 +19,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from celery.result import (  # type: ignore[attr-defined]
-    _set_task_join_will_block,
-    task_join_will_block,
-)
 from sqlalchemy import Engine, text
 
+from bench.celery_app import result_subscriptions
 from bench.context import Context, rotated
 from bench.data import empty_queue, empty_tables
 from bench.results import RATIO, Figure, Target, differences, median, ratios
@@ -61,14 +58,10 @@ def run(ctx: Context) -> list[Figure]:
 
     def confirm(variant: str, order_id: int) -> float:
         url = urls[variant].format(order_id=order_id)
-        subscribes = task_join_will_block()
-        _set_task_join_will_block(variant == DELAY_UNSUBSCRIBED)
-        try:
+        with result_subscriptions(variant != DELAY_UNSUBSCRIBED):
             start = time.perf_counter_ns()
             response = client.post(url)
             elapsed = (time.perf_counter_ns() - start) / 1000
-        finally:
-            _set_task_join_will_block(subscribes)
         if response.status_code != 200:
             raise RuntimeError(f"POST {url}: {response.status_code} {response.get_data()!r}")
         return elapsed
@@ -115,15 +108,6 @@ def run(ctx: Context) -> list[Figure]:
         ),
         Figure(
             SECTION,
-            "confirm via .delay(), no result-channel SUBSCRIBE",
-            "µs/request",
-            medians[DELAY_UNSUBSCRIBED],
-            note="as .delay() costs where Celery does not subscribe (a worker, or no Redis "
-            "result backend)",
-            samples=samples[DELAY_UNSUBSCRIBED],
-        ),
-        Figure(
-            SECTION,
             "confirm with no task (the request alone)",
             "µs/request",
             medians[NO_TASKS],
@@ -162,6 +146,8 @@ def run(ctx: Context) -> list[Figure]:
             "ratio outbox / delay without SUBSCRIBE",
             RATIO,
             ratios(medians[OUTBOX], medians[DELAY_UNSUBSCRIBED]),
+            note=".delay() as it costs where Celery does not subscribe (a worker, or no Redis "
+            "result backend)",
         ),
     ]
 

@@ -33,7 +33,6 @@ from runs of its own, with a restart each:
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,17 +41,15 @@ from pathlib import Path
 
 import redis
 from celery import Celery
-from celery.result import (  # type: ignore[attr-defined]
-    _set_task_join_will_block,
-    task_join_will_block,
-)
 
-from bench.children import Child, ChildError
+from bench.celery_app import result_subscriptions
+from bench.children import Child, wait_for
 from bench.context import Context, rotated
 from bench.data import add_pending, empty_queue, empty_tables, queue_length
 from bench.results import Figure
 from outbox import Relay
 from outbox.maintenance.scheduler import MAINTENANCE_INTERVAL
+from tests.logical_postgres import free_port
 
 SECTION = "restart"
 TASK = "orders.reserve_stock"
@@ -73,27 +70,22 @@ def run(ctx: Context) -> list[Figure]:
     maintenance: list[float] = []
     running: list[float] = []
     # As in the relay command: no result subscriptions for the tasks it publishes.
-    joined = task_join_will_block()
-    _set_task_join_will_block(True)
-    try:
-        with _redis_server(ctx) as server:
-            app = _celery_app(server.url)
-            try:
-                for run_index in range(ctx.repeats):
-                    for variant in rotated([NOTICE, RUNNING], run_index):
-                        ctx.say(f"restart: run {run_index + 1}/{ctx.repeats}, {variant}, {rows:,}")
-                        relay = _dispatched(ctx, server, app, rows)
-                        server.restart()
-                        if variant == NOTICE:
-                            total, maintained = _notice(relay, server, rows)
-                            notice.append(total)
-                            maintenance.append(maintained)
-                        else:
-                            running.append(_running(relay, server, rows))
-            finally:
-                app.close()
-    finally:
-        _set_task_join_will_block(joined)
+    with result_subscriptions(False), _redis_server(ctx) as server:
+        app = _celery_app(server.url)
+        try:
+            for run_index in range(ctx.repeats):
+                for variant in rotated([NOTICE, RUNNING], run_index):
+                    ctx.say(f"restart: run {run_index + 1}/{ctx.repeats}, {variant}, {rows:,}")
+                    relay = _dispatched(ctx, server, app, rows)
+                    server.restart()
+                    if variant == NOTICE:
+                        total, maintained = _notice(relay, server, rows)
+                        notice.append(total)
+                        maintenance.append(maintained)
+                    else:
+                        running.append(_running(relay, server, rows))
+        finally:
+            app.close()
     setup = (
         f"{rows:,} unconfirmed {TASK} tasks queued when redis-server (no RDB, no AOF) is "
         "SIGKILLed and restarted empty"
@@ -130,7 +122,7 @@ class _Server:
     """The section's redis-server: one process at a time, always on the same port."""
 
     def __init__(self, log_dir: Path, data_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
         self._log_dir = log_dir
@@ -143,14 +135,8 @@ class _Server:
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(self._data_dir),
         ]  # fmt: skip
-        child = self._child = Child("redis-server", args, self._log_dir)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self._answers():
-            if not child.alive:
-                raise ChildError(f"redis-server exited at start-up:\n{child.log()}")
-            if time.monotonic() > deadline:
-                raise ChildError(f"redis-server did not answer within {START_TIMEOUT:g}s")
-            time.sleep(0.01)
+        self._child = Child("redis-server", args, self._log_dir)
+        wait_for(self._answers, START_TIMEOUT, "redis-server answering", self._child, interval=0.01)
 
     def restart(self) -> None:
         """SIGKILL it (it keeps nothing on disk) and start it again: empty."""
@@ -185,13 +171,6 @@ def _redis_server(ctx: Context) -> Iterator[_Server]:
         server.kill()
         server.client.close()
         shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _celery_app(broker_url: str) -> Celery:

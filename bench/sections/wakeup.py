@@ -22,39 +22,24 @@ it has published every row of the previous one.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from sqlalchemy import Connection, make_url, text
+from sqlalchemy import Connection, text
 
-from bench.children import Child, ChildError
+from bench.children import Child, example_relay, wait_for
 from bench.context import Context, rotated
-from bench.data import count_status, empty_queue, empty_tables
+from bench.data import count_status, empty_queue, empty_tables, waiting_listeners
+from bench.pgbench import THREADS, Pgbench
 from bench.results import RATIO, Figure, Target, ratios
 
 SECTION = "wakeup"
 WAITING, EVERY, NONE = "notify while a relay waits", "notify on every commit", "no wake-up"
 TABLE = "function reads the listeners"
 WRITERS_ONLY, RELAY_RUNNING = "writers only", "relay running"
-#: pgbench threads, whatever the number of clients.
-THREADS = 2
-#: How long the relay may take to wait on LISTEN at start, and to publish a run's rows.
-START_TIMEOUT = 60.0
+#: How long the relay may take to publish a run's rows.
 DRAIN_TIMEOUT = 300.0
 
-#: One transaction of a pgbench client: what an enqueue of ``notify_customer(1)`` writes.
-_SCRIPT = (
-    "INSERT INTO celery_outbox (task_id, task_name, args, kwargs, options, status, attempts, "
-    "deliveries, created_at, available_at, task_runs) VALUES (gen_random_uuid(), "
-    "'orders.notify_customer', '[1]', '{}', '{}', 'pending', 0, 0, now(), now(), 0);\n"
-)
 _PLAIN_TRIGGER = (
     "CREATE TRIGGER celery_outbox_notify AFTER INSERT ON celery_outbox"
     " FOR EACH STATEMENT EXECUTE FUNCTION celery_outbox_notify()"
@@ -83,11 +68,11 @@ _PROGRESS = re.compile(r"^progress: [0-9.]+ s, ([0-9.]+) tps", re.MULTILINE)
 #: Seconds of a run left out of its steady rate: long enough for a relay that nobody wakes
 #: to reach its first poll (1 s) and stand down, as a woken one does at once.
 SETTLING = 2
-_WAITING_LISTENERS = text("SELECT count(*) FROM celery_outbox_listeners WHERE waiting")
 
 
 def run(ctx: Context) -> list[Figure]:
-    pgbench = find_pgbench(SECTION)
+    # Each transaction: what an enqueue of ``notify_customer(1)`` writes.
+    pgbench = Pgbench(ctx, SECTION, args="'[1]'")
     writers = ctx.sizes.wakeup_writers
     seconds = _whole_seconds(ctx.sizes.wakeup_seconds)
     variants = [WAITING, TABLE, EVERY, NONE]
@@ -104,8 +89,6 @@ def run(ctx: Context) -> list[Figure]:
     published: dict[int, dict[str, list[float]]] = {
         count: {variant: [] for variant in variants} for count in writers
     }
-    script = ctx.services.work_dir / "wakeup-insert.sql"
-    script.write_text(_SCRIPT)
     with ctx.engine.connect() as conn:
         original = _Trigger(
             function=conn.execute(
@@ -120,9 +103,13 @@ def run(ctx: Context) -> list[Figure]:
         )
     try:
         for scenario in scenarios:
-            relay = start_waiting_relay(ctx) if scenario == RELAY_RUNNING else None
+            relay = (
+                example_relay("relay-wakeup", ctx.services.work_dir, waiting_in=ctx.engine)
+                if scenario == RELAY_RUNNING
+                else None
+            )
             try:
-                if relay is None and _listeners_waiting(ctx):
+                if relay is None and waiting_listeners(ctx.engine):
                     raise RuntimeError("writers only: a relay still says it waits on LISTEN")
                 for run_index in range(ctx.repeats):
                     for count in writers:
@@ -134,7 +121,7 @@ def run(ctx: Context) -> list[Figure]:
                             _set_variant(ctx, variant, original)
                             empty_tables(ctx.engine)
                             empty_queue(ctx.redis)
-                            rate, each = _pgbench(ctx, pgbench, script, count, seconds)
+                            rate, each = _writers(pgbench, count, seconds)
                             tps[scenario][count][variant].append(rate)
                             if relay is not None:
                                 # A run too short to settle (--quick) counts whole.
@@ -155,19 +142,6 @@ def run(ctx: Context) -> list[Figure]:
         f"pgbench -n -c {'/'.join(map(str, writers))} -j {THREADS} -T {seconds}: "
         "one INSERT of a pending outbox row per transaction"
     )
-    ctx.extra["wakeup"] = {
-        "pgbench": shape,
-        "tps": {
-            scenario: {str(count): dict(by_variant) for count, by_variant in by_writers.items()}
-            for scenario, by_writers in tps.items()
-        },
-        "relay_running_steady_tps": {
-            str(count): dict(by_variant) for count, by_variant in steady.items()
-        },
-        "relay_published_per_second": {
-            str(count): dict(by_variant) for count, by_variant in published.items()
-        },
-    }
     figures: list[Figure] = []
     for scenario in scenarios:
         for count in writers:
@@ -268,109 +242,21 @@ def _define(conn: Connection, definition: str) -> None:
     conn.exec_driver_sql(definition)
 
 
-def _pgbench(
-    ctx: Context, pgbench: str, script: Path, writers: int, seconds: int
-) -> tuple[float, list[float]]:
+def _writers(pgbench: Pgbench, writers: int, seconds: int) -> tuple[float, list[float]]:
     """One pgbench run of ``writers`` clients for ``seconds``: its transactions per second,
     connection set-up excluded, and those of each second."""
-    options = ["-T", str(seconds), "-P", "1"]
-    done = run_pgbench(ctx, pgbench, script, writers, options, seconds + 120)
+    done = pgbench.run(writers, ["-T", str(seconds), "-P", "1"], seconds + 120)
     found = _TPS.search(done.stdout)
-    each = [float(rate) for rate in _PROGRESS.findall(done.stderr)]
-    if done.returncode != 0 or found is None:
-        raise RuntimeError(
-            f"pgbench ({writers} clients) exited with {done.returncode}"
-            + ("" if found else " and printed no tps line")
-            + f":\n{done.stderr[-4000:]}{done.stdout[-2000:]}"
-        )
-    return float(found.group(1)), each
-
-
-def find_pgbench(section: str) -> str:
-    """The pgbench on the PATH, or an error saying where it comes from."""
-    pgbench = shutil.which("pgbench")
-    if pgbench is None:
-        raise RuntimeError(
-            f"the {section} section needs pgbench, from PostgreSQL's client tools "
-            "(e.g. the postgresql-client package)"
-        )
-    return pgbench
-
-
-def run_pgbench(
-    ctx: Context, pgbench: str, script: Path, writers: int, options: list[str], timeout: float
-) -> subprocess.CompletedProcess[str]:
-    """pgbench running ``script`` from ``writers`` clients on the run's database, with
-    ``options`` (how long, how fast), in the run's work directory; the password, if the
-    URL has one, in the environment rather than on the command line."""
-    url = make_url(ctx.services.database_url)
-    args = [pgbench, "-n", "-f", str(script), "-c", str(writers), "-j", str(THREADS), *options]
-    if url.host:
-        args += ["-h", url.host]
-    if url.port:
-        args += ["-p", str(url.port)]
-    if url.username:
-        args += ["-U", url.username]
-    assert url.database
-    args.append(url.database)
-    env = dict(os.environ)
-    if url.password:
-        env["PGPASSWORD"] = str(url.password)
-    return subprocess.run(
-        args,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ctx.services.work_dir,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def start_waiting_relay(ctx: Context, name: str = "relay-wakeup") -> Child:
-    """The example's relay process, once it says it waits on LISTEN (with any relays
-    already waiting)."""
-    waiting_before = _listeners_waiting(ctx)
-    relay = Child(
-        name,
-        [sys.executable, "-m", "flask", "--app", "webapp", "outbox", "relay"],
-        ctx.services.work_dir,
-    )
-    try:
-        _poll(
-            relay,
-            lambda: _listeners_waiting(ctx) > waiting_before,
-            START_TIMEOUT,
-            "did not wait on LISTEN",
-        )
-    except BaseException:
-        relay.stop()
-        raise
-    return relay
+    if found is None:
+        raise RuntimeError(f"pgbench ({writers} clients) printed no tps line:\n{done.stdout}")
+    return float(found.group(1)), [float(rate) for rate in _PROGRESS.findall(done.stderr)]
 
 
 def _wait_until_idle(ctx: Context, relay: Child) -> None:
     """Until the relay has published every row of the run and waits on LISTEN again."""
-    _poll(
-        relay,
-        lambda: count_status(ctx.engine, "pending") == 0 and _listeners_waiting(ctx) > 0,
+    wait_for(
+        lambda: count_status(ctx.engine, "pending") == 0 and waiting_listeners(ctx.engine) > 0,
         DRAIN_TIMEOUT,
-        "did not publish every row and wait again",
+        "every row published and the relay waiting again",
+        relay,
     )
-
-
-def _listeners_waiting(ctx: Context) -> int:
-    with ctx.engine.connect() as conn:
-        waiting: int = conn.execute(_WAITING_LISTENERS).scalar_one()
-    return waiting
-
-
-def _poll(relay: Child, done: Callable[[], bool], timeout: float, failure: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not relay.alive:
-            raise ChildError(f"the relay exited with {relay.popen.returncode}:\n{relay.log()}")
-        if done():
-            return
-        time.sleep(0.05)
-    raise ChildError(f"the relay {failure} within {timeout:g}s:\n{relay.log()}")

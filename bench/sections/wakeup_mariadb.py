@@ -21,19 +21,16 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 
 from sqlalchemy import make_url, text
 
-from bench.children import Child
+from bench.children import example_relay
 from bench.context import Context, rotated
+from bench.environment import due_check_ms, mariadb_database
 from bench.results import RATIO, Figure, Target, ratios
-from bench.sections.latency import mariadb_database, wait_until_ready
-from outbox.data.mysql import MySQLStore
 
 SECTION = "wakeup_mariadb"
 WAITING, NONE = "relay waiting", "no relay"
-START_TIMEOUT = 60.0
 
 #: One writer's transaction: an enqueue of ``notify_customer(1)`` with a countdown of an
 #: hour (not due, so the waiting relay's checks find nothing and it keeps waiting).
@@ -56,7 +53,7 @@ def run(ctx: Context) -> list[Figure]:
     writers = ctx.sizes.wakeup_writers
     queries = ctx.sizes.wakeup_mariadb_queries
     tps: dict[int, dict[str, list[float]]] = {count: {WAITING: [], NONE: []} for count in writers}
-    with mariadb_database(ctx) as (engine, url):
+    with mariadb_database() as (engine, url):
         options = _client_options(ctx, url)
         for run_index in range(ctx.repeats):
             for count in writers:
@@ -66,7 +63,15 @@ def run(ctx: Context) -> list[Figure]:
                     )
                     with engine.begin() as conn:
                         conn.execute(text("DELETE FROM celery_outbox"))
-                    relay = _start_relay(ctx, url) if variant == WAITING else None
+                    relay = (
+                        example_relay(
+                            "relay-wakeup-mariadb",
+                            ctx.services.work_dir,
+                            env={"DATABASE_URL": url},
+                        )
+                        if variant == WAITING
+                        else None
+                    )
                     try:
                         rate = _slap(slap, options, count, queries)
                         if relay is not None and not relay.alive:
@@ -77,15 +82,11 @@ def run(ctx: Context) -> list[Figure]:
                     tps[count][variant].append(rate)
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM celery_outbox"))
-    check_ms = f"{(MySQLStore.due_check_interval or 0) * 1000:g}"
+    check_ms = due_check_ms()
     shape = (
         f"mariadb-slap --concurrency {'/'.join(map(str, writers))} "
         f"--number-of-queries {queries}: one INSERT of an outbox row per transaction"
     )
-    ctx.extra[SECTION] = {
-        "mariadb-slap": shape,
-        "tps": {str(count): dict(by_variant) for count, by_variant in tps.items()},
-    }
     figures: list[Figure] = []
     for count in writers:
         rates = tps[count]
@@ -149,19 +150,3 @@ def _slap(slap: str, options: list[str], writers: int, queries: int) -> float:
             f"{done.stderr[-4000:]}{done.stdout[-2000:]}"
         )
     return queries / float(found.group(1))
-
-
-def _start_relay(ctx: Context, url: str) -> Child:
-    """The example's relay on the MariaDB database, once it says it waits for work."""
-    relay = Child(
-        "relay-wakeup-mariadb",
-        [sys.executable, "-m", "flask", "--app", "webapp", "outbox", "relay"],
-        ctx.services.work_dir,
-        env={"DATABASE_URL": url},
-    )
-    try:
-        wait_until_ready(relay, START_TIMEOUT)
-    except BaseException:
-        relay.stop()
-        raise
-    return relay

@@ -14,6 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from bench.cli import SECTIONS
 from tests.conftest import PG_SERVER
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,11 +23,16 @@ QUICK_TIMEOUT = 180
 #: A figure each section prints (the start of its row's name).
 SECTION_ROWS = {
     "request": "confirm via outbox",
+    "enqueue": "enqueue part: whole",
     "relay": "one relay process",
     "bare": "ratio relay / plain, no task events",
     "amqp": "ratio relay / confirm_publish loop",
     "batch": "one relay, batch size",
     "latency": "relay process (LISTEN/NOTIFY): p50",
+    "wakeup": "4 writers, writers only",
+    "wakeup_mariadb": "MariaDB, 4 writers",
+    "cdc": "CDC relay (--cdc): commit",
+    "fanin": "1 relay at",
     "backlog": "claim 200 rows beside",
     "e2e": "commit → finished, 1 worker",
     "ordering": "claim 200 rows, keyed",
@@ -37,6 +43,7 @@ SECTION_ROWS = {
 
 def test_quick_benchmark_prints_every_section_and_drops_its_database() -> None:
     """Exit 0, a row for each section in the table, and its database gone afterwards."""
+    assert list(SECTIONS) == list(SECTION_ROWS), "SECTION_ROWS names one row per section"
     env = {
         key: value
         for key, value in os.environ.items()
