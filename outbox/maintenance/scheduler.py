@@ -58,7 +58,7 @@ class MaintenanceScheduler:
         self.interval = timedelta(seconds=interval)
         self._clock = clock
         self._next: datetime | None = None
-        #: Whether this relay held the lease at its last pass (status reads it).
+        #: Whether this relay held the lease at its last pass: what ``stop`` gives up.
         self.holds_lease = False
 
     def run_if_due(self) -> dict[str, object] | None:

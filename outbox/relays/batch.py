@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import logging
 import time
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery
 from sqlalchemy import Select, bindparam, select
@@ -274,14 +273,14 @@ class Relay:
         """Run every maintenance pass now, whichever relay holds the lease: record that
         this relay runs, run the confirmation checks once, then look after the ordering
         keys (``outbox.maintenance.key_keeper.KeyKeeper``)."""
-        return typing.cast(ConfirmationResult, self.maintenance.run_now()["confirmation"])
+        return cast(ConfirmationResult, self.maintenance.run_now()["confirmation"])
 
     def maintain_if_due(self) -> ConfirmationResult | None:
         """The scheduled pass, at most every ``MAINTENANCE_INTERVAL``: the heartbeat, and
         the outbox-wide passes if this relay holds the lease (their confirmation result;
         ``None`` when they did not run here)."""
         results = self.maintenance.run_if_due()
-        return None if results is None else typing.cast(ConfirmationResult, results["confirmation"])
+        return None if results is None else cast(ConfirmationResult, results["confirmation"])
 
     def _claim(self, conn: Connection) -> list[ClaimedRow]:
         self.store.lock_for_claim(conn)

@@ -214,36 +214,57 @@ def test_tasks_not_published_by_the_outbox_cost_no_statement(
     assert row.id in tuple(params.values() if isinstance(params, dict) else params)
 
 
+#: A moment the out-of-order tests count from.
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def recorded_apart(
+    engine: Engine,
+    lifecycle_app: Celery,
+    tracker: LifecycleTracker,
+    *runs: tuple[str, float, float, str | None],
+) -> OutboxMessage:
+    """The row after each run (state, started and finished seconds after ``T0``, error)
+    is written by a worker process of its own, in the order given, as processes that
+    flush on their own timers do."""
+    tracker.disconnect()
+    _, row = enqueue_and_publish(engine, lifecycle_app, "unit.add", (1, 2))
+    try:
+        for state, started, finished, error in runs:
+            process = LifecycleTracker(engine, flush_interval=3600)
+            process._queue(
+                row.id,
+                state,
+                T0 + timedelta(seconds=started),
+                T0 + timedelta(seconds=finished),
+                error,
+                T0 if error else None,
+                ran=1,
+            )
+            assert 1 == process.flush()
+    finally:
+        tracker.connect()
+    with Session(engine) as session:
+        stored = session.get(OutboxMessage, row.id)
+    assert stored is not None
+    return stored
+
+
 def test_an_older_run_reported_late_does_not_overwrite_a_newer_one(
     engine: Engine, lifecycle_app: Celery, tracker: LifecycleTracker
 ) -> None:
     """Two worker processes flush on their own timers: a retry's first run can be
     written after its second. State and times stay the newest; both runs are counted."""
-    tracker.disconnect()
-    _, row = enqueue_and_publish(engine, lifecycle_app, "unit.add", (1, 2))
-    first, second = (LifecycleTracker(engine, flush_interval=3600) for _ in range(2))
-    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-    try:
-        second._queue(
-            row.id,
-            "SUCCESS",
-            t0 + timedelta(seconds=5),
-            t0 + timedelta(seconds=6),
-            None,
-            None,
-            ran=1,
-        )
-        assert 1 == second.flush()
-        first._queue(row.id, "RETRY", t0, t0 + timedelta(seconds=1), "Retry in 5s: boom", t0, ran=1)
-        assert 1 == first.flush()
-    finally:
-        tracker.connect()
-    with Session(engine) as session:
-        stored = session.get(OutboxMessage, row.id)
-        assert stored is not None
-        assert ("SUCCESS", 2) == (stored.task_state, stored.task_runs)
-        assert t0 + timedelta(seconds=6) == stored.task_finished_at
-        assert "Retry in 5s: boom" == stored.task_error, "why it needed a retry is kept"
+    stored = recorded_apart(
+        engine,
+        lifecycle_app,
+        tracker,
+        ("SUCCESS", 5, 6, None),
+        ("RETRY", 0, 1, "Retry in 5s: boom"),
+    )
+    assert ("SUCCESS", 2) == (stored.task_state, stored.task_runs)
+    assert T0 + timedelta(seconds=6) == stored.task_finished_at
+    assert "Retry in 5s: boom" == stored.task_error, "why it needed a retry is kept"
 
 
 def test_a_run_that_ends_after_the_run_it_caused_does_not_overwrite_it(
@@ -251,33 +272,18 @@ def test_a_run_that_ends_after_the_run_it_caused_does_not_overwrite_it(
 ) -> None:
     """A replacement (or a retry) is published by the run before it and may succeed in
     another process before that run has ended: the later-started run's outcome stays."""
-    tracker.disconnect()
-    _, row = enqueue_and_publish(engine, lifecycle_app, "unit.add", (1, 2))
-    replaced, replacement = (LifecycleTracker(engine, flush_interval=3600) for _ in range(2))
-    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-    try:
-        replacement._queue(
-            row.id,
-            "SUCCESS",
-            t0 + timedelta(seconds=1),
-            t0 + timedelta(seconds=2),
-            None,
-            None,
-            ran=1,
-        )
-        assert 1 == replacement.flush()
-        replaced._queue(row.id, "REPLACED", t0, t0 + timedelta(seconds=3), None, None, ran=1)
-        assert 1 == replaced.flush()
-    finally:
-        tracker.connect()
-    with Session(engine) as session:
-        stored = session.get(OutboxMessage, row.id)
-        assert stored is not None
-        assert ("SUCCESS", 2) == (stored.task_state, stored.task_runs)
-        assert (t0 + timedelta(seconds=1), t0 + timedelta(seconds=2)) == (
-            stored.task_started_at,
-            stored.task_finished_at,
-        )
+    stored = recorded_apart(
+        engine,
+        lifecycle_app,
+        tracker,
+        ("SUCCESS", 1, 2, None),  # the replacement, which ends first
+        ("REPLACED", 0, 3, None),
+    )
+    assert ("SUCCESS", 2) == (stored.task_state, stored.task_runs)
+    assert (T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)) == (
+        stored.task_started_at,
+        stored.task_finished_at,
+    )
 
 
 def test_an_unreachable_database_is_logged_and_never_fails_the_task(
